@@ -1,0 +1,3 @@
+from nbiafs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,504 @@
+"""The local NBIA-compatible archive: a threaded HTTP server on loopback.
+
+Answers `/nbia-api/services/v1|v2/<Endpoint>`, `/nbia-api/oauth/token` and
+`/nbia-api/logout` with the shapes, quirks and status codes of the production
+server (shared/nbia-api.md), applies the current `Faults`, and counts requests
+per endpoint and per token grant. Test control lives under `/_nbiafs/`
+(counters, faults), which the real server does not have.
+
+Use from Python::
+
+    with LocalArchive.from_spec("test") as archive:
+        archive.url              # http://127.0.0.1:PORT/nbia-api
+        archive.set_faults(image_outage=True)
+        archive.counters()
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import html
+import io
+import json
+import logging
+import random
+import threading
+import time
+import zipfile
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+from xml.sax.saxutils import escape as xml_escape
+
+from nbiafs.archive import endpoints
+from nbiafs.archive.faults import IMAGE_ENDPOINTS, Faults, Throttle, pace
+from nbiafs.archive.records import ArchiveIndex, Series
+from nbiafs.archive.tokens import InvalidGrant, TokenStore
+
+log = logging.getLogger(__name__)
+
+SERVER_ERROR_BODY = b"Server was not able to process your request\nnull"  # 48 bytes, text/plain
+CHUNK = 64 * 1024
+# Endpoints that answer 500 (not an empty 200) to a v2 request without a token.
+TOKEN_REQUIRED = IMAGE_ENDPOINTS | {"getCollectionValues"}
+FORMATS = {"json": "application/json", "csv": "text/csv", "xml": "application/xml",
+           "html": "text/html"}
+
+
+class _Stop(Exception):
+    """The request ends here without an answer (stall, cut connection)."""
+
+
+class LocalArchive:
+    """The server, its index, tokens, faults and counters; start()/stop() or a with-block."""
+
+    def __init__(self, index: ArchiveIndex, tokens: TokenStore | None = None,
+                 faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0,
+                 seed: int = 0):
+        self.index = index
+        self.tokens = tokens or TokenStore()
+        self._faults = faults or Faults()
+        self._lock = threading.Lock()  # guards _faults, _rng, _counts, _by_token, _total_link
+        self._rng = random.Random(seed)
+        self._counts: Counter = Counter()
+        self._by_token: Counter = Counter()
+        self._total_link: Throttle | None = None
+        self._stopping = threading.Event()
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.archive = self
+        self._thread: threading.Thread | None = None
+        self._apply_total_link()
+
+    @classmethod
+    def from_spec(cls, spec="test", data_root: Path | None = None, **kw) -> "LocalArchive":
+        from nbiafs.archive.content import load_synthetic
+        return cls(load_synthetic(spec, data_root), **kw)
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/nbia-api"
+
+    def start(self) -> "LocalArchive":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="nbia-archive",
+                                        kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "LocalArchive":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ faults
+    @property
+    def faults(self) -> Faults:
+        with self._lock:
+            return self._faults
+
+    def set_faults(self, **changes) -> Faults:
+        """Change fault settings (see `Faults`); unspecified ones keep their value."""
+        with self._lock:
+            self._faults = self._faults.replace(**changes)
+        self._apply_total_link()
+        return self.faults
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults = Faults()
+        self._apply_total_link()
+
+    def _apply_total_link(self) -> None:
+        with self._lock:
+            mbit = self._faults.total_mbit_s
+            if not mbit:
+                self._total_link = None
+            elif self._total_link is None or self._total_link.rate != mbit * 1e6 / 8:
+                self._total_link = Throttle(mbit)
+
+    def _chance(self, p: float) -> bool:
+        if p <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < p
+
+    def _links(self, conn_link: Throttle | None) -> list[Throttle]:
+        with self._lock:
+            return [t for t in (conn_link, self._total_link) if t is not None]
+
+    # ------------------------------------------------------------ counters
+    def count(self, endpoint: str, token_label: str | None) -> None:
+        with self._lock:
+            self._counts[endpoint] += 1
+            if token_label:
+                self._by_token[token_label] += 1
+
+    def counters(self) -> dict:
+        """{"endpoints": {name: n}, "tokens": {"<user>#<grant>": n}, "total": n}."""
+        with self._lock:
+            return {"endpoints": dict(self._counts), "tokens": dict(self._by_token),
+                    "total": sum(self._counts.values())}
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._by_token.clear()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    archive: LocalArchive
+
+    def handle_error(self, request, client_address):  # a client hung up: not our problem
+        log.debug("connection from %s ended abruptly", client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    # --------------------------------------------------------------- plumbing
+    def log_message(self, fmt, *args):  # the query string can name users; keep it out
+        log.debug("%s %s", self.command, urlsplit(self.path).path)
+
+    @property
+    def archive(self) -> LocalArchive:
+        return self.server.archive
+
+    def do_GET(self):
+        self._dispatch()
+
+    def do_POST(self):
+        self._dispatch()
+
+    def do_PUT(self):
+        self._send(405, b"", "text/plain")
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _dispatch(self):
+        parts = urlsplit(self.path)
+        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        path = parts.path.rstrip("/")
+        try:
+            if path.startswith("/_nbiafs/"):
+                return self._admin(path[len("/_nbiafs/"):])
+            if path == "/nbia-api/oauth/token":
+                return self._token()
+            if path == "/nbia-api/logout":
+                return self._logout()
+            segs = path.split("/")
+            if len(segs) == 5 and segs[1:3] == ["nbia-api", "services"] and segs[3] in ("v1", "v2"):
+                return self._service(segs[3], segs[4], params)
+            self._send(404, b"Not Found", "text/plain")
+        except _Stop:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _send(self, status: int, body: bytes, ctype: str | None = "application/json",
+              headers: dict | None = None, link: Throttle | None = None):
+        self.send_response(status)
+        if ctype:
+            self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self._write(body, link)
+
+    def _write(self, data: bytes, link: Throttle | None = None):
+        links = self.archive._links(link)
+        if not links:
+            self.wfile.write(data)
+            return
+        for off in range(0, len(data), CHUNK):
+            piece = data[off:off + CHUNK]
+            pace(links, len(piece))
+            self.wfile.write(piece)
+
+    def _read_form(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        return dict(parse_qsl(body, keep_blank_values=True))
+
+    def _bearer(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer":
+            scheme, _, token = auth.partition(":")  # TCIA's own curl examples omit the space
+            if scheme.lower() != "bearer":
+                return None
+        return token.strip() or None
+
+    def _apply_delays(self, endpoint: str, faults: Faults) -> None:
+        if faults.stalls(endpoint):
+            while not self.archive._stopping.wait(0.1):
+                if not self.archive.faults.stalls(endpoint):
+                    break
+            raise _Stop()
+        delay = faults.delay_s(endpoint)
+        if delay > 0:
+            time.sleep(delay)
+
+    # --------------------------------------------------------------- oauth
+    def _token(self):
+        if self.command != "POST":
+            return self._send(405, b"", "text/plain")
+        form = self._read_form()
+        faults = self.archive.faults
+        self.archive.count(f"oauth/token:{form.get('grant_type', '?')}", None)
+        self._apply_delays("oauth/token", faults)
+        if faults.token_outage:
+            return self._send(503, b"Service Unavailable", "text/plain")
+        try:
+            if form.get("grant_type") == "password":
+                reply = self.archive.tokens.password_grant(form.get("username", ""),
+                                                           form.get("password", ""))
+            elif form.get("grant_type") == "refresh_token":
+                reply = self.archive.tokens.refresh_grant(form.get("refresh_token", ""))
+            else:
+                return self._send(400, json.dumps({"error": "unsupported_grant_type"}).encode())
+        except InvalidGrant as exc:
+            status = 401 if form.get("grant_type") == "password" else 400
+            body = {"error": "invalid_grant", "error_description": str(exc)}
+            return self._send(status, json.dumps(body).encode())
+        self._send(200, json.dumps(reply).encode())
+
+    def _logout(self):
+        if self.command != "POST":
+            return self._send(405, b"", "text/plain")
+        token = self._bearer()
+        self.archive.count("logout", None)
+        if token:
+            self.archive.tokens.revoke(token)
+        self._send(200, b"", None)
+
+    # --------------------------------------------------------------- services
+    def _service(self, version: str, endpoint: str, params: dict):
+        handler = endpoints.QUERY_ENDPOINTS.get(endpoint)
+        if handler is None and endpoint not in IMAGE_ENDPOINTS:
+            return self._send(404, b"Not Found", "text/plain")
+        faults = self.archive.faults
+        user, label, token_state = None, None, "none"
+        if version == "v2":
+            token = self._bearer()
+            grant = self.archive.tokens.check(token) if token else None
+            token_state = "valid" if grant else ("invalid" if token else "absent")
+            if grant:
+                user, label = grant.user, grant.label
+        self.archive.count(endpoint, label)
+        self._apply_delays(endpoint, faults)
+        if version == "v2" and token_state != "valid":
+            # Production v2: no token -> 500 on downloads and getCollectionValues; a bad or
+            # expired token -> 401 (empty) on downloads; every query -> an empty 200.
+            if token_state == "absent" and endpoint in TOKEN_REQUIRED:
+                return self._send(500, SERVER_ERROR_BODY, "text/plain")
+            if endpoint in IMAGE_ENDPOINTS:
+                return self._send(401, b"", None)
+            return self._send(200, b"", "application/json")
+        if endpoint in IMAGE_ENDPOINTS:
+            return self._image(endpoint, user, params, faults)
+        self._query(handler, endpoint, user, params, faults)
+
+    def _query(self, handler, endpoint, user, params, faults: Faults):
+        try:
+            rows = handler(self.archive.index, user, params)
+        except endpoints.MissingParameter as exc:
+            return self._send(400, str(exc).encode(), "application/json")
+        except endpoints.BadParameter:
+            return self._send(500, SERVER_ERROR_BODY, "text/plain")
+        if not rows:
+            if endpoint == "getSeriesMetaData":
+                return self._send(204, b"", None)
+            return self._send(200, b"", "application/json")
+        fmt = "json" if endpoint == "getContentsByName" else params.get("format", "json").lower()
+        if fmt not in FORMATS:
+            return self._send(500, SERVER_ERROR_BODY, "text/plain")
+        body = render(rows, fmt)
+        if faults.corrupt_json and fmt == "json":
+            body = body[: max(1, len(body) // 2)]
+        self._send(200, body, FORMATS[fmt])
+
+    # --------------------------------------------------------------- images
+    def _image(self, endpoint, user, params, faults: Faults):
+        try:
+            endpoints.require(params, "SeriesInstanceUID",
+                              *(["SOPInstanceUID"] if endpoint == "getSingleImage" else []))
+        except endpoints.MissingParameter as exc:
+            return self._send(400, str(exc).encode(), "application/json")
+        if faults.image_outage or self.archive._chance(faults.image_error_rate):
+            return self._send(500, SERVER_ERROR_BODY, "text/plain")
+        link = Throttle(faults.connection_mbit_s) if faults.connection_mbit_s else None
+        uid = params["SeriesInstanceUID"]
+        series = self.archive.index.visible_series(user, uid)
+        if endpoint == "getSingleImage":
+            return self._single_image(series, params["SOPInstanceUID"], faults, link)
+        if series is None:
+            if self.archive.index.series_by_uid.get(uid) is not None:
+                msg = f"The user has not been granted the access to the series {uid}."
+            else:
+                msg = f"Image with given SeriesInstanceUID,{uid}, is not in public domain."
+            return self._send(400, msg.encode(), "application/json")
+        self._zip(endpoint, series, params, faults, link)
+
+    def _single_image(self, series: Series | None, sop_uid: str, faults: Faults, link):
+        inst = next((i for i in series.instances if i.sop_uid == sop_uid), None) if series else None
+        if inst is None:
+            return self._send(500, SERVER_ERROR_BODY, "text/plain")
+        if faults.corrupt_images == "html":
+            page = (b"<html><head><title>Service Unavailable</title></head><body>"
+                    b"<h1>The server is temporarily unable to service your request.</h1></body></html>")
+            return self._send(200, page, "text/html")
+        data = inst.path.read_bytes()
+        if faults.corrupt_images == "nodicm":
+            data = data[:128] + b"XXXX" + data[132:]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom")
+        self.send_header("Content-Disposition", f"attachment; filename={sop_uid}.dcm")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.archive._chance(faults.truncate_images):
+            self._write(data[: len(data) // 2], link)
+            self.wfile.flush()
+            raise _Stop()
+        self._write(data, link)
+
+    def _zip(self, endpoint, series: Series, params, faults: Faults, link):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Disposition", f'attachment; filename="{series.uid}.zip"')
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        sink = _ChunkedWriter(self, link)
+        with_md5 = endpoint == "getImageWithMD5Hash"
+        new_names = params.get("NewFileNames", "").lower() == "yes" and not with_md5
+        zf = zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED)
+        if not with_md5:
+            zf.writestr("LICENSE", license_text(series.collection))
+        instances = series_zip_order(series, new_names)
+        if faults.zip_drop_entries:
+            instances = instances[: max(0, len(instances) - faults.zip_drop_entries)]
+        hashes = []
+        for name, inst in instances:
+            with open(inst.path, "rb") as src, zf.open(name, "w") as dst:
+                while block := src.read(CHUNK):
+                    dst.write(block)
+            hashes.append((name, inst.md5))
+        if with_md5:
+            rows = "".join(f"{n},{h}\n" for n, h in sorted(hashes, key=lambda r: r[1]))
+            zf.writestr("md5hashes.csv", "Filename,MD5Hash\n" + rows)
+        if faults.zip_truncate:
+            zf.fp = None  # end the stream before the central directory
+        else:
+            zf.close()
+        sink.finish()
+
+
+    # --------------------------------------------------------------- test control
+    def _admin(self, what: str):
+        """GET counters, GET/POST faults (JSON changes; {"clear": true} resets), POST
+        counters/reset, tokens/expire, tokens/revoke-refresh. Not part of the NBIA API."""
+        archive = self.archive
+        if what == "counters":
+            return self._send(200, json.dumps(archive.counters()).encode())
+        if what == "faults":
+            if self.command == "POST":
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    changes = json.loads(self.rfile.read(length) or b"{}")
+                    if changes.pop("clear", False):
+                        archive.clear_faults()
+                    archive.set_faults(**changes)
+                except (ValueError, TypeError) as exc:
+                    return self._send(400, str(exc).encode(), "text/plain")
+            return self._send(200, json.dumps(dataclasses.asdict(archive.faults)).encode())
+        actions = {"counters/reset": archive.reset_counters,
+                   "tokens/expire": archive.tokens.expire_all,
+                   "tokens/revoke-refresh": archive.tokens.revoke_refresh_tokens}
+        if what not in actions:
+            return self._send(404, b"Not Found", "text/plain")
+        if self.command != "POST":
+            return self._send(405, b"", "text/plain")
+        actions[what]()
+        self._send(200, b"{}")
+
+
+class _ChunkedWriter(io.RawIOBase):
+    """A non-seekable sink that sends what zipfile writes as HTTP chunks."""
+
+    def __init__(self, handler: _Handler, link):
+        self.handler, self.link = handler, link
+        self.buffer = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, data) -> int:
+        self.buffer += data
+        if len(self.buffer) >= CHUNK:
+            self._flush_chunk()
+        return len(data)
+
+    def _flush_chunk(self):
+        if self.buffer:
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            self.handler._write(f"{len(data):X}\r\n".encode() + data + b"\r\n", self.link)
+
+    def finish(self):
+        self._flush_chunk()
+        self.handler.wfile.write(b"0\r\n\r\n")
+
+
+def license_text(collection: dict) -> str:
+    return (f"License Information. The {collection['Collection']} collection is distributed under "
+            f"the {collection.get('LicenseName', '')} at {collection.get('LicenseURI', '')} By "
+            "downloading the data, you agree to abide by terms of this license.")
+
+
+def series_zip_order(series: Series, new_names: bool) -> list[tuple[str, object]]:
+    """Zip entry names: database order `00000001.dcm…`, or `<acq>-<nnn>.dcm` by InstanceNumber."""
+    if not new_names:
+        order = sorted(series.instances, key=lambda i: hashlib.md5(i.sop_uid.encode()).digest())
+        return [(f"{n:08d}.dcm", inst) for n, inst in enumerate(order, 1)]
+    order = sorted(series.instances, key=lambda i: (i.acquisition_number, i.instance_number))
+    width = max(3, len(str(len(order))))
+    return [(f"{inst.acquisition_number}-{n:0{width}d}.dcm", inst) for n, inst in enumerate(order, 1)]
+
+
+def render(rows: list[dict], fmt: str) -> bytes:
+    if fmt == "json":
+        return json.dumps(rows, separators=(",", ":")).encode()
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=keys, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().encode()
+    if fmt == "xml":
+        items = "".join("<row>" + "".join(f"<{k.replace(' ', '_')}>{xml_escape(str(v))}"
+                                          f"</{k.replace(' ', '_')}>" for k, v in r.items())
+                        + "</row>" for r in rows)
+        return f'<?xml version="1.0" encoding="UTF-8"?><rows>{items}</rows>'.encode()
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>" for k in keys)
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>".encode()

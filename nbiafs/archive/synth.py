@@ -1,0 +1,322 @@
+"""Generate a synthetic archive: real DICOM Part-10 files plus an index.
+
+Everything is derived from the spec (seed included), so the same spec always
+gives the same UIDs and byte-identical files. Files are written once into a data
+directory (keyed by the spec) and served from disk; only the index is held in
+memory, so a large spec does not need its size in RAM.
+
+The index is a tree of plain dicts keyed by the NBIA column names
+(collection -> patients -> studies -> series -> instances). A key that the real
+archive would leave out (a NULL column) is simply absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from nbiafs import __version__
+from nbiafs.archive import phantom
+from nbiafs.archive.spec import ArchiveSpec
+
+log = logging.getLogger(__name__)
+
+UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's organisation root, for generated UIDs
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+INDEX_NAME = "index.json"
+
+COLLECTION_NAMES = ["Phantom-Thorax-CT", "Phantom-Body-MR", "Phantom-Screening",
+                    "Phantom-Longitudinal", "Phantom-Multi-Site"]
+RESTRICTED_COLLECTION = "Phantom-Restricted"
+RESTRICTED_GRANTED_TO = "researcher"
+LICENSE = ("Creative Commons Attribution 4.0 International License",
+           "https://creativecommons.org/licenses/by/4.0/")
+
+
+def _uid(spec: ArchiveSpec, *parts: object) -> str:
+    return generate_uid(prefix=UID_ROOT, entropy_srcs=[str(spec.seed), *map(str, parts)])
+
+
+def _date(rng: random.Random, start: str, days: int) -> str:
+    d = dt.date.fromisoformat(start) + dt.timedelta(days=rng.randrange(days))
+    return d.isoformat()
+
+
+# --------------------------------------------------------------------------- plan
+def plan_archive(spec: ArchiveSpec) -> dict:
+    """Return the index tree (without file sizes) that `spec` describes."""
+    rng = random.Random(spec.seed)
+    collections = []
+    for c in range(spec.collections):
+        name = COLLECTION_NAMES[c] if c < len(COLLECTION_NAMES) else f"Phantom-{c + 1:02d}"
+        modality = "CT" if c % 2 == 0 else "MR"
+        coll = _plan_collection(spec, rng, name, modality, spec.patients, restricted=False)
+        collections.append(coll)
+    if spec.first_series_instances and collections:
+        big = collections[0]["patients"][0]["studies"][0]["series"][0]
+        big["instances"] = [_plan_instance(spec, big["SeriesInstanceUID"], i)
+                            for i in range(spec.first_series_instances)]
+    if spec.awkward:
+        _add_awkward_cases(spec, rng, collections)
+    carts = {}
+    if collections and collections[0]["patients"]:
+        first = [s for st in collections[0]["patients"][0]["studies"] for s in st["series"]]
+        carts["nbia-demo-cart"] = [s["SeriesInstanceUID"] for s in first[:2]]
+    return {"generator": __version__, "spec": dataclasses.asdict(spec),
+            "collections": collections, "carts": carts}
+
+
+def _plan_collection(spec, rng, name, modality, n_patients, restricted):
+    abbr = "".join(w[0] for w in name.split("-")).upper()
+    coll = {"Collection": name, "restricted": restricted,
+            "LicenseName": LICENSE[0], "LicenseURI": LICENSE[1],
+            "CollectionURI": f"https://doi.org/10.0000/NBIAFS.{abbr}", "patients": []}
+    for p in range(n_patients):
+        pid = f"{abbr}-{p + 1:03d}"
+        coll["patients"].append(_plan_patient(spec, rng, name, pid, modality))
+    return coll
+
+
+def _plan_patient(spec, rng, collection, pid, modality, n_studies=None):
+    patient = {"PatientID": pid, "PatientName": pid, "PatientSex": rng.choice("MF"),
+               "Phantom": "YES", "SpeciesCode": "L-85B00",
+               "SpeciesDescription": "Homo sapiens", "studies": []}
+    for s in range(spec.studies if n_studies is None else n_studies):
+        study_uid = _uid(spec, collection, pid, "study", s)
+        study_date = _date(rng, "2001-01-01", 3000)
+        study = {"StudyInstanceUID": study_uid, "StudyDate": study_date,
+                 "StudyDescription": f"{'CT CHEST ABD' if modality == 'CT' else 'MR ABDOMEN'} W CONTRAST",
+                 "StudyID": str(1000 + s), "PatientAge": f"{rng.randrange(35, 80):03d}Y",
+                 "series": []}
+        if s > 0:
+            study["LongitudinalTemporalEventType"] = "Diagnosis"
+            study["LongitudinalTemporalOffsetFromEvent"] = 30 * s
+        lesion = (rng.uniform(-0.45, 0.45), rng.uniform(-0.2, 0.1), rng.uniform(-0.3, 0.5),
+                  rng.uniform(0.04, 0.09))
+        for k in range(spec.series):
+            series_modality = modality if k % 2 == 0 else ("MR" if modality == "CT" else "CT")
+            study["series"].append(_plan_series(spec, rng, collection, pid, study, k,
+                                                series_modality, spec.instances, lesion))
+        patient["studies"].append(study)
+    return patient
+
+
+def _plan_series(spec, rng, collection, pid, study, k, modality, n_instances, lesion,
+                 description=None):
+    uid = _uid(spec, collection, pid, study["StudyInstanceUID"], "series", k)
+    thickness = rng.choice([1.25, 2.5, 3.0, 5.0]) if modality == "CT" else rng.choice([3.0, 4.0, 5.0])
+    released = _date(rng, "2019-01-01", 1500)
+    series = {
+        "SeriesInstanceUID": uid, "Modality": modality,
+        "ProtocolName": "CHEST ABD PELVIS" if modality == "CT" else "T1 AXIAL",
+        "SeriesDate": study["StudyDate"],
+        "SeriesDescription": description or (
+            f"AXIAL {thickness:g}mm {'STANDARD' if modality == 'CT' else 'T1 FS POST'}"),
+        "BodyPartExamined": "CHEST" if modality == "CT" else "ABDOMEN",
+        "SeriesNumber": k + 1 if modality == "MR" else 2 + k,
+        "AnnotationsFlag": False,
+        "Manufacturer": "NBIAFS PHANTOM WORKS",
+        "ManufacturerModelName": "SynthScan 64" if modality == "CT" else "SynthMR 1.5T",
+        "SoftwareVersions": __version__,
+        "TimeStamp": released,
+        "DateReleased": released,
+        "ThirdPartyAnalysis": "NO",
+        "slice_thickness": thickness,
+        "lesion": list(lesion),
+        "instances": [],
+    }
+    for i in range(n_instances):
+        series["instances"].append(_plan_instance(spec, uid, i))
+    return series
+
+
+def _plan_instance(spec, series_uid, i):
+    return {"SOPInstanceUID": _uid(spec, series_uid, "sop", i),
+            "InstanceNumber": i + 1, "AcquisitionNumber": 1}
+
+
+def _add_awkward_cases(spec, rng, collections):
+    """The real archive's awkwardness, each case once (see the module docstring of spec)."""
+    first = collections[0]
+    # A one-instance series (a localizer) in the first study.
+    study = first["patients"][0]["studies"][0]
+    loc = _plan_series(spec, rng, first["Collection"], first["patients"][0]["PatientID"],
+                       study, 90, "CT", 1, (0.0, 0.0, 0.0, 0.05), description="LOCALIZER")
+    loc["SeriesNumber"] = 1
+    study["series"].insert(0, loc)
+    # A series with optional columns left out (NULLs are omitted by the archive).
+    bare = study["series"][-1]
+    for key in ("ProtocolName", "SeriesDescription", "BodyPartExamined", "SoftwareVersions"):
+        bare.pop(key, None)
+    # A patient ID with spaces and lower case, and omitted patient columns.
+    odd = first["patients"][-1]
+    old_id = odd["PatientID"]
+    odd["PatientID"] = odd["PatientName"] = f"phantom {old_id.lower()} b"
+    for key in ("PatientSex", "SpeciesCode", "SpeciesDescription"):
+        odd.pop(key, None)
+    # A patient with no studies.
+    first["patients"].append({"PatientID": "NOSTUDY-001", "PatientName": "NOSTUDY-001",
+                              "PatientSex": "O", "Phantom": "YES", "studies": []})
+    # A restricted collection, visible only to the user granted it.
+    restricted = _plan_collection(spec, rng, RESTRICTED_COLLECTION, "CT", 1, restricted=True)
+    restricted["granted_to"] = [RESTRICTED_GRANTED_TO]
+    collections.append(restricted)
+
+
+# --------------------------------------------------------------------------- write
+def generate(spec: ArchiveSpec, root: Path) -> dict:
+    """Generate `spec` under `root` (once) and return its index.
+
+    Files are written into a temporary sibling directory renamed into place at
+    the end, so an interrupted run never leaves a half-generated archive.
+    """
+    root = Path(root)
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        return json.loads(index_path.read_text())
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "files").mkdir(parents=True)
+    index = plan_archive(spec)
+    for coll in index["collections"]:
+        for patient in coll["patients"]:
+            for study in patient["studies"]:
+                for series in study["series"]:
+                    _write_series(spec, tmp, coll, patient, study, series)
+    (tmp / INDEX_NAME).write_text(json.dumps(index))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process generated it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads(index_path.read_text())
+
+
+def _write_series(spec, root, coll, patient, study, series):
+    folder = root / "files" / series["SeriesInstanceUID"]
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(series["instances"])
+    for idx, inst in enumerate(series["instances"]):
+        _write_instance(spec, folder, coll, patient, study, series, inst, idx, n, pad=0)
+    # Instance sizes differ by a few bytes, as real ones do, so that the mean
+    # size TotalSizeInBytes / ObjectCount is never the size of any file.
+    for _attempt in range(8):
+        sizes = [i["size"] for i in series["instances"]]
+        if n < 2 or sum(sizes) % n or sum(sizes) // n not in sizes:
+            break
+        last = series["instances"][-1]
+        _write_instance(spec, folder, coll, patient, study, series, last, n - 1, n,
+                        pad=2 * (_attempt + 1))
+
+
+def _write_instance(spec, folder, coll, patient, study, series, inst, idx, n, pad):
+    ds = build_dataset(spec, coll, patient, study, series, inst, idx, n, pad)
+    path = folder / f"{inst['SOPInstanceUID']}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    inst["file"] = str(path.relative_to(folder.parent.parent))
+    inst["size"] = len(data)
+    inst["md5"] = hashlib.md5(data).hexdigest()
+
+
+def build_dataset(spec, coll, patient, study, series, inst, idx, n, pad=0) -> Dataset:
+    modality = series["Modality"]
+    matrix = spec.matrix
+    fov_mm = 400.0 if modality == "CT" else 380.0
+    spacing = fov_mm / matrix
+    thickness = series["slice_thickness"]
+    z_mm = -idx * thickness  # head first: positions go down the body
+    z_norm = 1.0 - 2.0 * (idx + 0.5) / max(n, 1) if n > 1 else 0.0
+    rng = np.random.default_rng([spec.seed, idx, int(series["SeriesInstanceUID"][-9:])])
+    lesion = tuple(series["lesion"])
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE if modality == "CT" else MR_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = inst["SOPInstanceUID"]
+    ds.file_meta.ImplementationClassUID = UID_ROOT + "1"
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if series.get("SeriesDescription") != "LOCALIZER" \
+        else ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = inst["SOPInstanceUID"]
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = \
+        study["StudyDate"].replace("-", "")
+    ds.StudyTime = "101500"
+    ds.SeriesTime = "102000"
+    ds.AcquisitionTime = ds.ContentTime = f"1020{idx % 60:02d}"
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = series["Manufacturer"]
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = study["StudyDescription"]
+    if "SeriesDescription" in series:
+        ds.SeriesDescription = series["SeriesDescription"]
+    ds.ManufacturerModelName = series["ManufacturerModelName"]
+    ds.PatientName = patient["PatientName"]
+    ds.PatientID = patient["PatientID"]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = patient.get("PatientSex", "")
+    ds.PatientAge = study["PatientAge"]
+    ds.PatientIdentityRemoved = "YES"
+    if "BodyPartExamined" in series:
+        ds.BodyPartExamined = series["BodyPartExamined"]
+    ds.SliceThickness = f"{thickness:g}"
+    if "ProtocolName" in series:
+        ds.ProtocolName = series["ProtocolName"]
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study["StudyInstanceUID"]
+    ds.SeriesInstanceUID = series["SeriesInstanceUID"]
+    ds.StudyID = study["StudyID"]
+    ds.SeriesNumber = series["SeriesNumber"]
+    ds.AcquisitionNumber = inst["AcquisitionNumber"]
+    ds.InstanceNumber = inst["InstanceNumber"]
+    origin = -fov_mm / 2 + spacing / 2
+    ds.ImagePositionPatient = [f"{origin:.4f}", f"{origin:.4f}", f"{z_mm:.4f}"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.FrameOfReferenceUID = _uid(spec, study["StudyInstanceUID"], "for")
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = f"{z_mm:.4f}"
+    # Free text whose length varies from slice to slice, as real headers do.
+    ds.ImageComments = f"nbiafs phantom slice {idx + 1} of {n}" + " z" * (idx % 5) + "x" * pad
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = matrix
+    ds.PixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    if modality == "CT":
+        hu = phantom.ct_slice(matrix, z_norm, lesion, spec.noise_hu, rng)
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.WindowCenter = 40
+        ds.WindowWidth = 400
+        ds.KVP = 120
+        pixels = np.clip(np.rint(hu + 1024), -32768, 32767).astype("<i2")
+    else:
+        sig = phantom.mr_slice(matrix, z_norm, lesion, spec.noise_hu, rng)
+        ds.PixelRepresentation = 0
+        ds.WindowCenter = 450
+        ds.WindowWidth = 900
+        ds.MagneticFieldStrength = 1.5
+        ds.RepetitionTime = 500
+        ds.EchoTime = 12
+        pixels = np.clip(np.rint(sig), 0, 65535).astype("<u2")
+    ds.PixelData = pixels.tobytes()
+    return ds

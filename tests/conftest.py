@@ -1,0 +1,1 @@
+pytest_plugins = ["nbiafs.archive.pytest_plugin"]
