@@ -49,6 +49,7 @@ class TokenStore:
         self._access: dict[str, Grant] = {}
         self._refresh: dict[str, Grant] = {}
         self._grants = 0
+        self.issued: list[str] = []  # every token handed out, so tests can search for leaks
 
     @staticmethod
     def load_users(path: Path) -> dict[str, str]:
@@ -80,6 +81,7 @@ class TokenStore:
         with self._lock:
             self._access[access] = Grant(user, label, now + self.access_lifetime_s)
             self._refresh[refresh] = Grant(user, label, now + self.refresh_lifetime_s)
+            self.issued += [access, refresh]
             self._forget_expired(now)
         return {"access_token": access, "expires_in": int(self.access_lifetime_s),
                 "refresh_expires_in": int(self.refresh_lifetime_s), "refresh_token": refresh,

@@ -1,0 +1,1 @@
+"""The NBIA REST API client (the only package that imports `requests`)."""

@@ -1,0 +1,53 @@
+"""The one errno table: every error nbiafs raises says what happened and carries its errno.
+
+The FUSE adapter turns an `NbiaError` into its `errno`, and anything else into
+a logged EIO (fusepy would otherwise report EINVAL or even unmount). Messages
+never contain credentials or tokens.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class NbiaError(Exception):
+    """Base class. `errno` is what a filesystem call failing with it returns."""
+
+    errno = errno.EIO
+
+
+class NotFound(NbiaError):
+    """The archive has no such collection, patient, study, series or instance."""
+
+    errno = errno.ENOENT
+
+
+class NotAuthorized(NbiaError):
+    """The archive refuses this user access (restricted collection, rejected token)."""
+
+    errno = errno.EACCES
+
+
+class AuthenticationFailed(NotAuthorized):
+    """The token endpoint rejected the credentials."""
+
+
+class ArchiveUnavailable(NbiaError):
+    """The archive did not answer usefully within the retry budget (outage, stall, 5xx)."""
+
+    errno = errno.EIO
+
+    def __init__(self, what: str, attempts: int, last_error: str):
+        super().__init__(f"archive unavailable: {what} failed after {attempts} attempt"
+                         f"{'s' if attempts != 1 else ''} ({last_error})")
+        self.attempts = attempts
+
+
+class IntegrityError(NbiaError):
+    """A body was truncated, malformed or not what was asked for (no DICM, bad zip, bad JSON)."""
+
+    errno = errno.EIO
+
+
+class ReadOnly(NbiaError):
+    errno = errno.EROFS
