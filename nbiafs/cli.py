@@ -46,8 +46,146 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbiafs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_mount(sub)
+    _add_demo(sub)
     _add_serve(sub)
     return parser
+
+
+def _add_client_options(p) -> None:
+    p.add_argument("--url", default="tcia", metavar="ROOT",
+                   help="archive root URL, or a preset: tcia (default: "
+                        "https://services.cancerimagingarchive.net/nbia-api), nlst")
+    p.add_argument("--api", choices=["v1", "v2"], default="v2",
+                   help="v2: token session (default); v1: anonymous, public collections only")
+    p.add_argument("--user", metavar="NAME",
+                   help="TCIA user (default: NBIA_USER, else the guest); the password comes from "
+                        "NBIA_PASSWORD, ~/.netrc or a prompt, never from the command line")
+    p.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/nbiafs")
+    p.add_argument("--cache-size", default="20G", metavar="SIZE",
+                   help="instance cache limit, e.g. 500M, 20G (default: 20G)")
+    p.add_argument("--log-level", default="WARNING", metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING (default) or ERROR")
+
+
+def _add_mount(sub) -> None:
+    p = sub.add_parser("mount", help="mount the archive read-only at MOUNTPOINT",
+                       description="Mount the archive as /Collection/PatientID/StudyInstanceUID/"
+                                   "SeriesInstanceUID/SOPInstanceUID.dcm (read-only). "
+                                   "Unmount with: fusermount -u MOUNTPOINT",
+                       epilog="examples:\n  nbiafs mount ~/tcia\n"
+                              "  NBIA_USER=me nbiafs mount --cache-size 100G ~/tcia\n"
+                              "  nbiafs mount --url nlst ~/nlst",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _add_client_options(p)
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
+    p.set_defaults(func=run_mount)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="serve the demo archive locally and mount it",
+                       description="Start the local NBIA-compatible archive with its demo content, "
+                                   "mount it, and show what to try. Ctrl-C unmounts and stops.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", default="nbia-demo",
+                   help="default: ./nbia-demo (created if missing)")
+    p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
+    p.set_defaults(func=run_demo)
+
+
+def mount_config(args, root_url: str | None = None, cache_dir=None):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from nbiafs.api.client import PRESETS, ClientConfig
+    from nbiafs.config import CacheConfig, MountConfig, parse_size
+
+    try:
+        size = parse_size(args.cache_size)
+    except ValueError as exc:
+        raise CliError(f"--cache-size: {exc}") from None
+    root = root_url or PRESETS.get(args.url, args.url)
+    if not root.startswith(("http://", "https://")):
+        raise CliError(f"--url {args.url}: not an http(s) URL or a preset (tcia, nlst)")
+    cache = CacheConfig(max_bytes=size)
+    if cache_dir or args.cache_dir:
+        cache = replace(cache, root=Path(cache_dir or args.cache_dir).expanduser().absolute())
+    return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),
+                       client=ClientConfig(root_url=root, api=args.api), cache=cache,
+                       user=args.user, foreground=args.foreground, allow_other=args.allow_other)
+
+
+def run_mount(args) -> int:
+    from nbiafs.mount import MountError, run
+
+    config = mount_config(args)
+    try:
+        run(config)
+    except MountError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def run_demo(args) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from nbiafs.archive.content import load_synthetic
+    from nbiafs.archive.server import LocalArchive
+    from nbiafs.mount import MountError, run
+
+    mountpoint = Path(args.mountpoint).absolute()
+    created = not mountpoint.exists()
+    if created:
+        mountpoint.mkdir(parents=True)
+    print("Preparing the demo archive (generated once, then reused)...", file=sys.stderr, flush=True)
+    archive = LocalArchive(load_synthetic("demo")).start()
+    cache_dir = tempfile.mkdtemp(prefix="nbiafs-demo-cache-")
+    args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "v2", None, None, "1G"
+    args.foreground, args.allow_other = True, False
+    config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
+    print(demo_instructions(archive, mountpoint), flush=True)
+    try:
+        run(config)
+    except MountError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        archive.stop()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        if created:
+            try:
+                mountpoint.rmdir()
+            except OSError:
+                pass
+    print("\nUnmounted; the local archive is stopped.", file=sys.stderr)
+    return 0
+
+
+def demo_instructions(archive, mountpoint) -> str:
+    from nbiafs import naming
+
+    series = max((s for s in archive.index.iter_series("nbia_guest") if s.raw["Modality"] == "CT"),
+                 key=lambda s: len(s.instances))
+    rel = "/".join(naming.escape(p) for p in (series.collection["Collection"], series.patient["PatientID"],
+                                               series.study["StudyInstanceUID"], series.uid))
+    d = f"{mountpoint}/{rel}"
+    first = sorted(i.sop_uid for i in series.instances)[0]
+    return f"""
+nbiafs demo: the local archive {archive.url} is mounted at {mountpoint}
+
+Try, in another terminal:
+  ls -l {mountpoint}
+  find {mountpoint} -maxdepth 3
+  getfattr -d '{d}'
+  dcmdump '{d}/{naming.instance_file_name(first)}' | head -40
+  dcm2niix -o /tmp '{d}'
+  du -sb '{d}'
+
+Press Ctrl-C here to unmount and stop.
+"""
 
 
 def _add_serve(sub) -> None:

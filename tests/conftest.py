@@ -1,1 +1,53 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from mounting import MountedArchive
+from nbiafs import naming
+
 pytest_plugins = ["nbiafs.archive.pytest_plugin"]
+
+
+def series_path(series) -> str:
+    """The mount-relative path of an archive `Series` (from the local archive's index)."""
+    return "/".join(naming.escape(p) for p in (series.collection["Collection"], series.patient["PatientID"],
+                                               series.study["StudyInstanceUID"], series.uid))
+
+
+def public_series(archive):
+    return [s for s in archive.index.iter_series("nbia_guest")]
+
+
+@pytest.fixture(scope="module")
+def mounted(nbia_archive_server, tmp_path_factory):
+    """One mount for a test module; fails the module if the daemon logged a traceback."""
+    base = tmp_path_factory.mktemp("mount")
+    m = MountedArchive(nbia_archive_server.url, base / "mnt", base / "cache", base / "daemon.log")
+    yield m
+    log = m.stop()
+    assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    """Start extra mounts (fresh cache unless given); all unmounted after the test, logs checked."""
+    started = []
+
+    def start(url, name="m", cache_dir=None, extra=(), env=None) -> MountedArchive:
+        m = MountedArchive(url, tmp_path / f"{name}-mnt", cache_dir or tmp_path / f"{name}-cache",
+                           tmp_path / f"{name}.log", *extra, env=env)
+        started.append(m)
+        return m
+
+    yield start
+    logs = [m.stop() for m in started]
+    for log in logs:
+        assert "Traceback" not in log, log[-4000:]
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    assert path, f"{tool} is installed by scripts/setup.sh"
+    return path

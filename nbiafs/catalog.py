@@ -1,0 +1,221 @@
+"""Paths <-> archive entities, with the listings that define them and the sizes of instances.
+
+    /<Collection>/<PatientID>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+
+Every level's listing comes from one metadata request, cached by `MetadataStore`:
+root getCollectionValues; collection getPatient; patient getPatientStudy; study
+the patient's getSeries (one request serves all studies of a patient); series
+getSOPInstanceUIDs (sorted by name) plus getSeriesSize. A name is resolved
+through its parent's listing, so a lookup never costs more than the listings,
+and a missing name re-asks its parent at most once per `negative_ttl_s`.
+The archive filters IDs case-insensitively; listings are filtered here exactly.
+
+Sizes of instances (docs/SEMANTICS.md): a fetched instance has its exact size
+(a permanent fact); the others share what is left of the series' getSeriesSize
+total, spread in name order, so the sizes of a series always add up to
+`TotalSizeInBytes` (if the archive's total is consistent with its files).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from nbiafs import naming
+from nbiafs.api import models
+from nbiafs.api.client import NbiaClient
+from nbiafs.errors import NotFound
+from nbiafs.metastore import MetadataStore
+
+ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE = (
+    "root", "collection", "patient", "study", "series", "instance")
+DEPTH = [ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE]
+
+
+@dataclass(frozen=True)
+class Node:
+    kind: str
+    path: str
+    collection: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    record: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind != INSTANCE
+
+    def child(self, kind: str, name: str, record: dict, **ids) -> "Node":
+        path = ("" if self.path == "/" else self.path) + "/" + name
+        base = {k: getattr(self, k) for k in ("collection", "patient_id", "study_uid", "series_uid")}
+        return Node(kind, path, **{**base, **ids}, record=record)
+
+
+ROOT_NODE = Node(ROOT, "/")
+
+
+class Catalog:
+    def __init__(self, client: NbiaClient, store: MetadataStore, negative_ttl_s: float = 5.0):
+        self.client = client
+        self.store = store
+        self.negative_ttl_s = negative_ttl_s
+        self._lock = threading.Lock()  # guards _memo and _exact_versions
+        self._memo: dict[str, tuple[Any, Any]] = {}
+        self._exact_versions: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ listings (one request each)
+    def collections(self, max_age_s=None) -> list[str]:
+        return self.store.listing("collections", self.client.get_collection_values, max_age_s)
+
+    def patients(self, collection: str, max_age_s=None) -> list[dict]:
+        def fetch():
+            return [p.raw for p in self.client.get_patients(collection)
+                    if p.collection in (None, collection) or p.collection.lower() == collection.lower()]
+        return self.store.listing(f"patients\0{collection}", fetch, max_age_s)
+
+    def studies(self, collection: str, patient_id: str, max_age_s=None) -> list[dict]:
+        def fetch():
+            return [s.raw for s in self.client.get_patient_studies(collection, patient_id)
+                    if s.patient_id == patient_id]
+        return self.store.listing(f"studies\0{collection}\0{patient_id}", fetch, max_age_s)
+
+    def patient_series(self, collection: str, patient_id: str, max_age_s=None) -> list[dict]:
+        def fetch():
+            return [s.raw for s in self.client.get_series(collection=collection, patient_id=patient_id)
+                    if s.patient_id == patient_id]
+        return self.store.listing(f"series\0{collection}\0{patient_id}", fetch, max_age_s)
+
+    def instances(self, series_uid: str, max_age_s=None) -> list[str]:
+        def fetch():
+            return sorted(set(self.client.get_sop_instance_uids(series_uid)))
+        return self.store.listing(f"instances\0{series_uid}", fetch, max_age_s)
+
+    def series_size(self, series_uid: str) -> list[int] | None:
+        def fetch():
+            size = self.client.get_series_size(series_uid)
+            return None if size is None else [size.total_bytes, size.object_count]
+        return self.store.listing(f"size\0{series_uid}", fetch)
+
+    # ------------------------------------------------------------------ children
+    def children(self, node: Node, max_age_s=None) -> dict[str, Node]:
+        """The entries of directory `node`, by escaped name (a dict, in name order)."""
+        if node.kind == ROOT:
+            key, value = "collections", self.collections(max_age_s)
+            make = lambda v: [(naming.escape(c), node.child(COLLECTION, naming.escape(c),  # noqa: E731
+                                                            {"Collection": c}, collection=c))
+                              for c in v]
+        elif node.kind == COLLECTION:
+            key, value = f"patients\0{node.collection}", self.patients(node.collection, max_age_s)
+            make = lambda v: self._named(node, PATIENT, v, models.as_str, "PatientId", "PatientID")  # noqa: E731
+        elif node.kind == PATIENT:
+            key = f"studies\0{node.collection}\0{node.patient_id}"
+            value = self.studies(node.collection, node.patient_id, max_age_s)
+            make = lambda v: self._named(node, STUDY, v, models.as_str, "StudyInstanceUID")  # noqa: E731
+        elif node.kind == STUDY:
+            key = f"series\0{node.collection}\0{node.patient_id}"
+            value = self.patient_series(node.collection, node.patient_id, max_age_s)
+            make = lambda v: self._named(  # noqa: E731
+                node, SERIES, [s for s in v if s.get("StudyInstanceUID") == node.study_uid],
+                models.as_str, "SeriesInstanceUID")
+        elif node.kind == SERIES:
+            key, value = f"instances\0{node.series_uid}", self.instances(node.series_uid, max_age_s)
+            make = lambda v: [(naming.instance_file_name(sop), node.child(  # noqa: E731
+                INSTANCE, naming.instance_file_name(sop),
+                {"SOPInstanceUID": sop, "SeriesInstanceUID": node.series_uid}, sop_uid=sop))
+                for sop in v]
+        else:
+            raise NotFound(f"{node.path} is not a directory")
+        return self._memoised(key + f"\0{node.kind}\0{node.study_uid}", value,
+                              lambda v: dict(sorted(make(v))))
+
+    @staticmethod
+    def _named(parent: Node, kind: str, records: list[dict], as_str: Callable, *id_keys) -> list:
+        id_field = {PATIENT: "patient_id", STUDY: "study_uid", SERIES: "series_uid"}[kind]
+        out, seen = [], set()
+        for record in records:
+            ident = next((as_str(record.get(k)) for k in id_keys if record.get(k) is not None), None)
+            if ident is None or ident in seen:
+                continue  # a record without its ID cannot be a path; a duplicate shows once
+            seen.add(ident)
+            name = naming.escape(ident)
+            out.append((name, parent.child(kind, name, record, **{id_field: ident})))
+        return out
+
+    def _memoised(self, key: str, value, derive: Callable):
+        with self._lock:
+            memo = self._memo.get(key)
+        if memo is not None and memo[0] is value:
+            return memo[1]
+        derived = derive(value)
+        with self._lock:
+            if len(self._memo) > 8192:
+                self._memo.clear()
+            self._memo[key] = (value, derived)
+        return derived
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, path: str) -> Node:
+        node = ROOT_NODE
+        for name in (p for p in path.split("/") if p):
+            if not node.is_dir:
+                raise NotFound(path)
+            kids = self.children(node)
+            if name not in kids:
+                age = self._listing_age(node)
+                if age is None or age < self.negative_ttl_s:
+                    raise NotFound(path)
+                kids = self.children(node, max_age_s=self.negative_ttl_s)  # maybe new: ask once
+                if name not in kids:
+                    raise NotFound(path)
+            node = kids[name]
+        return node
+
+    def _listing_age(self, node: Node) -> float | None:
+        key = {ROOT: "collections", COLLECTION: f"patients\0{node.collection}",
+               PATIENT: f"studies\0{node.collection}\0{node.patient_id}",
+               STUDY: f"series\0{node.collection}\0{node.patient_id}",
+               SERIES: f"instances\0{node.series_uid}"}[node.kind]
+        return self.store.age_s(key)
+
+    # ------------------------------------------------------------------ sizes
+    def instance_size(self, node: Node) -> tuple[int, bool]:
+        """(st_size, exact) of an instance."""
+        return self.series_sizes(node.series_uid).get(node.sop_uid, (0, False))
+
+    def series_sizes(self, series_uid: str) -> dict[str, tuple[int, bool]]:
+        sops = self.instances(series_uid)
+        total = self.series_size(series_uid)
+        with self._lock:
+            version = self._exact_versions.get(series_uid, 0)
+        key = f"sizes\0{series_uid}"
+        with self._lock:
+            memo = self._memo.get(key)
+        if memo is not None and memo[0] is sops and memo[1] == (total, version):
+            return memo[2]
+        exact = self.store.get(f"exact\0{series_uid}", {})
+        sizes = spread_sizes(sops, total[0] if total else 0, exact)
+        with self._lock:
+            self._memo[key] = (sops, (total, version), sizes)
+        return sizes
+
+    def record_exact_size(self, series_uid: str, sop_uid: str, size: int) -> None:
+        key = f"exact\0{series_uid}"
+        if self.store.get(key, {}).get(sop_uid) == size:
+            return
+        self.store.update(key, lambda d: {**(d or {}), sop_uid: size}, {})
+        with self._lock:
+            self._exact_versions[series_uid] = self._exact_versions.get(series_uid, 0) + 1
+
+
+def spread_sizes(sops: list[str], total: int, exact: dict[str, int]) -> dict[str, tuple[int, bool]]:
+    """Exact sizes where known; the rest of `total` spread over the others in name order."""
+    unfetched = [s for s in sops if s not in exact]
+    remaining = max(0, total - sum(exact[s] for s in sops if s in exact))
+    base, extra = divmod(remaining, len(unfetched)) if unfetched else (0, 0)
+    sizes = {s: (exact[s], True) for s in sops if s in exact}
+    for i, sop in enumerate(unfetched):
+        sizes[sop] = (base + (1 if i < extra else 0), False)
+    return sizes

@@ -1,0 +1,56 @@
+"""Typed configuration of a mount, built once by the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbiafs.api.client import ClientConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """`500M`, `2G`, `10GiB`, `1.5G`, `1048576` -> bytes (binary units)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"bad size {text!r}: use a number with an optional unit K, M, G or T (e.g. 20G)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"bad size {text!r}: must be more than zero")
+    return value
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nbiafs"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    root: Path = default_cache_dir()
+    max_bytes: int = 20 * 1024 ** 3          # instance cache limit (20 GiB)
+    listing_ttl_s: float = 3600.0            # listings are re-asked after this; served stale on outage
+    negative_ttl_s: float = 5.0              # a missing name re-checks its parent at most this often (gcsfuse: 5 s)
+    memory_listings: int = 4096              # listings held in memory (cachetools LRU with TTL)
+
+    def scope_dir(self, client: ClientConfig, user: str | None) -> Path:
+        """One private subdirectory per archive and user: what one user's mount cached is
+        never served to another user's mount sharing the cache directory."""
+        key = f"{client.root_url.rstrip('/')}|{client.api}|{user or ''}"
+        return self.root / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    mountpoint: Path
+    client: ClientConfig
+    cache: CacheConfig
+    user: str | None = None
+    foreground: bool = False
+    allow_other: bool = False
+    entry_timeout_s: float = 1.0     # kernel caching of names; attributes are never cached (attr_timeout=0)

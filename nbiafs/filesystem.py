@@ -1,0 +1,199 @@
+"""The filesystem's operations, free of FUSE: plain Python that unit tests can call.
+
+Read-only: directories 0555, files 0444, owned by the mounting user. Sizes and
+times are documented in docs/SEMANTICS.md. `open()` of an instance downloads it
+(through the instance cache) before returning and records its exact size, so the
+kernel, which re-reads attributes after open (attr_timeout=0), never sees an
+estimate for a file being read.
+
+Errors are `NbiaError`s carrying their errno; the FUSE adapter maps them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import stat
+import threading
+from typing import BinaryIO
+
+from nbiafs.blobcache import InstanceCache, pread
+from nbiafs.catalog import INSTANCE, SERIES, STUDY, Catalog, Node
+from nbiafs.errors import NbiaError, ReadOnly
+
+log = logging.getLogger(__name__)
+
+# Collections and patients carry no date in the archive: they show 2000-01-01 (UTC).
+UNDATED_MTIME = 946684800.0
+BLOCK = 4096
+XATTR_PREFIX = "user.nbia."
+STATE_XATTR = "user.nbiafs.cached"
+
+
+class NoAttribute(NbiaError):
+    errno = errno.ENODATA
+
+
+def archive_time(text: str | None) -> float | None:
+    """`2015-05-27 17:12:21.0`, `2015-05-27`, `05-27-2015` -> POSIX time (UTC)."""
+    if not text:
+        return None
+    for fmt, length in (("%Y-%m-%d %H:%M:%S", 19), ("%Y-%m-%d", 10), ("%m-%d-%Y", 10)):
+        try:
+            stamp = dt.datetime.strptime(text[:length], fmt)
+        except ValueError:
+            continue
+        return stamp.replace(tzinfo=dt.timezone.utc).timestamp()
+    return None
+
+
+def inode(path: str) -> int:
+    """A stable inode number: the same path gets the same number in every mount."""
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "big") >> 1 or 1
+
+
+class NbiaFilesystem:
+    def __init__(self, catalog: Catalog, cache: InstanceCache, uid: int | None = None,
+                 gid: int | None = None):
+        self.catalog = catalog
+        self.cache = cache
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._handles: dict[int, BinaryIO] = {}
+        self._handles_lock = threading.Lock()  # guards _handles
+        self._next_fh = itertools.count(1)
+
+    # ------------------------------------------------------------------ attributes
+    def getattr(self, path: str) -> dict:
+        return self.attributes(self.catalog.resolve(path))
+
+    def attributes(self, node: Node) -> dict:
+        mtime = self._mtime(node)
+        attrs = {"st_ino": inode(node.path), "st_uid": self.uid, "st_gid": self.gid,
+                 "st_mtime": mtime, "st_ctime": mtime, "st_atime": mtime}
+        if node.is_dir:
+            # Size 0, so that `du -sb` of a series is exactly its getSeriesSize total.
+            attrs.update(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_size=0, st_blocks=0)
+        else:
+            size, _exact = self.catalog.instance_size(node)
+            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size,
+                         st_blocks=(size + 511) // 512)
+        return attrs
+
+    def _mtime(self, node: Node) -> float:
+        record = node.record
+        if node.kind == STUDY:
+            stamp = archive_time(record.get("StudyDate"))
+        elif node.kind == SERIES:
+            stamp = archive_time(record.get("TimeStamp") or record.get("SeriesDate"))
+        elif node.kind == INSTANCE:
+            series = self._series_record(node)
+            stamp = archive_time(series.get("TimeStamp") or series.get("SeriesDate"))
+        else:
+            stamp = None
+        return stamp if stamp is not None else UNDATED_MTIME
+
+    def _series_record(self, node: Node) -> dict:
+        for record in self.catalog.patient_series(node.collection, node.patient_id):
+            if record.get("SeriesInstanceUID") == node.series_uid:
+                return record
+        return {}
+
+    # ------------------------------------------------------------------ directories
+    def readdir(self, path: str) -> list[tuple[str, dict]]:
+        node = self.catalog.resolve(path)
+        if not node.is_dir:
+            raise NbiaError(f"{path}: not a directory")
+        return [(name, self.attributes(child)) for name, child in self.catalog.children(node).items()]
+
+    # ------------------------------------------------------------------ files
+    def open(self, path: str, flags: int) -> tuple[int, bool]:
+        """Open an instance for reading; returns (file handle, immutable: keep the page cache)."""
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise ReadOnly(f"{path}: read-only filesystem")
+        node = self.catalog.resolve(path)
+        if node.kind != INSTANCE:
+            raise NbiaError(f"{path}: is a directory")
+        handle = self.open_instance(node)
+        with self._handles_lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = handle
+        return fh, True
+
+    def open_instance(self, node: Node) -> BinaryIO:
+        key = f"{node.series_uid}/{node.sop_uid}"
+        handle, _downloaded = self.cache.open(
+            key, lambda dest: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, dest))
+        # The exact size is known before open returns: the kernel never sees an estimate again.
+        self.catalog.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size)
+        return handle
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        with self._handles_lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise NbiaError(f"read on unknown file handle {fh}")
+        return pread(handle, size, offset)
+
+    def release(self, fh: int) -> None:
+        with self._handles_lock:
+            handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    def open_handles(self) -> int:
+        with self._handles_lock:
+            return len(self._handles)
+
+    # ------------------------------------------------------------------ extended attributes
+    def listxattr(self, path: str) -> list[str]:
+        return list(self._xattrs(self.catalog.resolve(path)))
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        xattrs = self._xattrs(self.catalog.resolve(path)) if name.startswith("user.") else {}
+        if name not in xattrs:
+            raise NoAttribute(f"{path}: no attribute {name}")
+        return xattrs[name].encode("utf-8", "surrogatepass")
+
+    def _xattrs(self, node: Node) -> dict[str, str]:
+        record = dict(node.record)
+        if node.kind == SERIES:
+            size = self.catalog.series_size(node.series_uid)
+            if size is not None:
+                record.update(TotalSizeInBytes=size[0], ObjectCount=size[1])
+        out = {XATTR_PREFIX + key.replace(" ", "_"): _text(value) for key, value in record.items()
+               if value is not None and value != ""}
+        if node.kind == INSTANCE:
+            out[STATE_XATTR] = "yes" if self.cache.contains(f"{node.series_uid}/{node.sop_uid}") else "no"
+        return out
+
+    # ------------------------------------------------------------------ filesystem
+    def statfs(self) -> dict:
+        limit = self.cache.max_bytes
+        free = max(0, limit - self.cache.volume())
+        return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": limit // BLOCK,
+                "f_bfree": free // BLOCK, "f_bavail": free // BLOCK, "f_files": 0,
+                "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+
+    def access(self, path: str, mode: int) -> None:
+        self.catalog.resolve(path)
+        if mode & os.W_OK:
+            raise ReadOnly(f"{path}: read-only filesystem")
+
+    def close(self) -> None:
+        with self._handles_lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            handle.close()
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+

@@ -1,0 +1,112 @@
+"""Listings and facts from the archive, cached in memory and persisted on disk.
+
+Each entry is a JSON-able value with the wall-clock time it was fetched. A
+lookup serves, in order: a fresh in-memory copy; a fresh persisted copy (so a
+remount lists what was listed before with no request); a new fetch; and, when
+the fetch fails with an archive error, the stale copy if there is one (so a
+mount keeps working, read-only, for what it has seen while the archive is
+unreachable). Concurrent lookups of one key cause one fetch (single flight).
+
+Facts that never change (the exact size of a fetched instance) use
+`put`/`get` and never expire.
+
+Locking: `_lock` guards `_memory` (cachetools caches are not thread-safe); a
+striped flight lock (re-entrant) serialises fetches and updates of one key. The diskcache
+store is safe across threads and processes by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import cachetools
+import diskcache
+
+from nbiafs.errors import ArchiveUnavailable, IntegrityError
+
+log = logging.getLogger(__name__)
+
+# Fetches are serialised per stripe of keys: bounded memory, and no two fetches of one key.
+_FLIGHT_STRIPES = 64
+
+
+class MetadataStore:
+    def __init__(self, directory, ttl_s: float, memory_entries: int = 4096, clock=time.time):
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._disk = diskcache.Cache(str(directory), size_limit=2 ** 40, eviction_policy="none")
+        self._memory: cachetools.LRUCache = cachetools.LRUCache(maxsize=memory_entries)
+        self._lock = threading.Lock()
+        self._flights = [threading.RLock() for _ in range(_FLIGHT_STRIPES)]
+
+    def close(self) -> None:
+        self._disk.close()
+
+    # ------------------------------------------------------------------ listings
+    def listing(self, key: str, fetch: Callable[[], Any], max_age_s: float | None = None) -> Any:
+        """The value of `key`, fetched by `fetch()` when there is no copy younger than max_age_s."""
+        max_age_s = self.ttl_s if max_age_s is None else max_age_s
+        entry = self._fresh(key, max_age_s)
+        if entry is not None:
+            return entry[1]
+        with self._flight(key):
+            entry = self._fresh(key, max_age_s)  # fetched by another thread meanwhile
+            if entry is not None:
+                return entry[1]
+            try:
+                value = fetch()
+            except (ArchiveUnavailable, IntegrityError) as exc:
+                stale = self._entry(key)
+                if stale is None:
+                    raise
+                log.warning("archive unreachable (%s); serving the listing cached %.0f s ago",
+                            exc, self._clock() - stale[0])
+                return stale[1]
+            self._store(key, (self._clock(), value))
+            return value
+
+    def age_s(self, key: str) -> float | None:
+        entry = self._entry(key)
+        return None if entry is None else self._clock() - entry[0]
+
+    def _fresh(self, key: str, max_age_s: float):
+        entry = self._entry(key)
+        if entry is not None and self._clock() - entry[0] < max_age_s:
+            return entry
+        return None
+
+    def _entry(self, key: str):
+        with self._lock:
+            entry = self._memory.get(key)
+        if entry is None:
+            entry = self._disk.get(key)
+            if entry is not None:
+                with self._lock:
+                    self._memory[key] = entry
+        return entry
+
+    def _store(self, key: str, entry) -> None:
+        with self._lock:
+            self._memory[key] = entry
+        self._disk.set(key, entry)
+
+    def _flight(self, key: str) -> threading.RLock:
+        return self._flights[hash(key) % _FLIGHT_STRIPES]
+
+    # ------------------------------------------------------------------ facts
+    def get(self, key: str, default=None):
+        entry = self._entry(key)
+        return default if entry is None else entry[1]
+
+    def put(self, key: str, value) -> None:
+        self._store(key, (self._clock(), value))
+
+    def update(self, key: str, change: Callable[[Any], Any], default=None):
+        """Atomically (within this process) replace the value of `key` with change(value)."""
+        with self._flight(key):
+            value = change(self.get(key, default))
+            self.put(key, value)
+            return value

@@ -1,0 +1,160 @@
+"""Wires a mount together, owns its threads and its shutdown.
+
+    client (login) -> metadata store + instance cache -> catalog -> filesystem -> FUSE
+
+Checks that can fail are made before anything is mounted, each ending in a
+one-line `MountError`: FUSE missing, a bad mountpoint (missing, not a
+directory, not empty, already mounted, a stale mount), an unusable cache
+directory, credentials refused, the archive unreachable.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from nbiafs.api.auth import resolve_credentials
+from nbiafs.api.client import NbiaClient
+from nbiafs.blobcache import InstanceCache
+from nbiafs.catalog import Catalog
+from nbiafs.config import MountConfig
+from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError
+from nbiafs.filesystem import NbiaFilesystem
+from nbiafs.metastore import MetadataStore
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """Mounting cannot proceed; the message is one line for the user."""
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) "
+                         "or, in a container, pass --device /dev/fuse")
+    if not (ctypes.util.find_library("fuse") or os.environ.get("FUSE_LIBRARY_PATH")):
+        raise MountError("libfuse is not installed: run scripts/setup.sh "
+                         "(or: apt-get install fuse libfuse2)")
+    if os.geteuid() != 0 and not shutil.which("fusermount"):
+        raise MountError("fusermount is missing: apt-get install fuse")
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist (create it with mkdir)") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(f"{mountpoint} is a stale mount (its daemon died); clean it with: "
+                             f"fusermount -u {mountpoint}") from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mountpoint (busy); unmount it first with: "
+                         f"fusermount -u {mountpoint}")
+    if any(os.scandir(mountpoint)):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+    del st
+
+
+def prepare_cache_dir(path: Path) -> Path:
+    """Create the cache directory private to its user (0700), or explain why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MountError(f"cache directory {path} is not usable: {exc.strerror}") from None
+    return path
+
+
+class Mount:
+    """Everything one mount owns. `start()` logs in and opens caches; `stop()` undoes it."""
+
+    def __init__(self, config: MountConfig, client: NbiaClient | None = None):
+        self.config = config
+        self.client = client
+        self.fs: NbiaFilesystem | None = None
+        self._store: MetadataStore | None = None
+        self._cache: InstanceCache | None = None
+
+    def start(self) -> NbiaFilesystem:
+        """Log in and build the filesystem. Raises MountError with one line on failure."""
+        os.umask(0o077)  # cache files 0600, directories 0700
+        config = self.config
+        if self.client is None:
+            try:
+                credentials = (resolve_credentials(config.user, config.client.root_url)
+                               if config.client.api == "v2" else None)
+            except AuthenticationFailed as exc:
+                raise MountError(str(exc)) from None
+            self.client = NbiaClient(config.client, credentials)
+        try:
+            if self.client.auth is not None:
+                self.client.auth.login()
+        except AuthenticationFailed as exc:
+            raise MountError(str(exc)) from None
+        except ArchiveUnavailable as exc:
+            raise MountError(f"cannot reach the archive at {config.client.root_url}: {exc}") from None
+        user = self.client.user
+        scope = prepare_cache_dir(config.cache.scope_dir(config.client, user))
+        prepare_cache_dir(config.cache.root)
+        self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
+                                    config.cache.memory_listings)
+        self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
+        catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s)
+        self.fs = NbiaFilesystem(catalog, self._cache)
+        return self.fs
+
+    def start_threads(self) -> None:
+        """Background work (token refresh); called from FUSE init, after daemonising."""
+        if self.client is not None and self.client.auth is not None:
+            self.client.auth.start()
+
+    def stop(self) -> None:
+        if self.fs is not None:
+            self.fs.close()
+        if self.client is not None:
+            try:
+                self.client.close()
+            except NbiaError as exc:
+                log.debug("while closing the client: %s", exc)
+        for closable in (self._cache, self._store):
+            if closable is not None:
+                closable.close()
+
+
+def run(config: MountConfig) -> None:
+    """Check, mount and serve until unmounted (SIGINT/SIGTERM or fusermount -u)."""
+    check_fuse()
+    check_mountpoint(config.mountpoint)
+    mount = Mount(config)
+    mount.start()
+    try:
+        from fuse import FUSE
+
+        from nbiafs.fuse_ops import FuseOperations
+    except (ImportError, OSError, EnvironmentError) as exc:
+        mount.stop()
+        raise MountError(f"cannot load libfuse: {exc}") from None
+    ops = FuseOperations(mount.fs, on_init=mount.start_threads, on_destroy=mount.stop)
+    options = dict(foreground=config.foreground, ro=True, nothreads=False, raw_fi=True,
+                   fsname="nbiafs", subtype="nbiafs", use_ino=True, default_permissions=True,
+                   attr_timeout=0, entry_timeout=config.entry_timeout_s, negative_timeout=1,
+                   allow_other=config.allow_other)
+    log.info("mounting %s at %s", config.client.root_url, config.mountpoint)
+    try:
+        FUSE(ops, str(config.mountpoint), **options)
+    except RuntimeError as exc:
+        mount.stop()
+        raise MountError(f"mounting {config.mountpoint} failed (libfuse error {exc}); "
+                         "see the messages above") from None
