@@ -40,8 +40,15 @@ def _rate(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (not argparse's usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nbiafs", description="The Cancer Imaging Archive (NBIA REST API) as a read-only filesystem.")
     parser.add_argument("--version", action="version", version=f"nbiafs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

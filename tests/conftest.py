@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from mounting import MountedArchive
+from nbiafs.testing import MountedArchive
 from nbiafs import naming
 
 pytest_plugins = ["nbiafs.archive.pytest_plugin"]

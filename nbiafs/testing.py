@@ -1,4 +1,4 @@
-"""Real mounts for tests: the daemon runs `nbiafs mount -f` in a subprocess against a local archive."""
+"""Real mounts for tests and benchmarks: `nbiafs mount -f` in a subprocess, ready when mounted."""
 
 from __future__ import annotations
 
