@@ -148,7 +148,7 @@ def run(config: MountConfig) -> None:
         raise MountError(f"cannot load libfuse: {exc}") from None
     ops = FuseOperations(mount.fs, on_init=mount.start_threads, on_destroy=mount.stop)
     options = dict(foreground=config.foreground, ro=True, nothreads=False, raw_fi=True,
-                   fsname="nbiafs", subtype="nbiafs", use_ino=True, default_permissions=True,
+                   fsname="nbiafs", subtype="nbiafs", use_ino=True,
                    attr_timeout=0, entry_timeout=config.entry_timeout_s, negative_timeout=1,
                    allow_other=config.allow_other)
     log.info("mounting %s at %s", config.client.root_url, config.mountpoint)

@@ -61,7 +61,9 @@ _GRID = re.compile(r"^(\d+)x(\d+)x(\d+)x(\d+)x(\d+)(?:@(\d+))?$")
 
 
 def parse_spec(text: str, seed: int | None = None, noise_hu: float | None = None) -> ArchiveSpec:
-    """Parse a named spec or a grid ``CxPxSTxSExI[@MATRIX]`` (e.g. ``2x3x1x2x40@256``)."""
+    """Parse a named spec or a grid ``CxPxSTxSExI[@MATRIX]`` (e.g. ``2x3x1x2x40@256``).
+
+    A grid is exactly what it says, without the awkward cases of the named specs."""
     if text in NAMED_SPECS:
         spec = NAMED_SPECS[text]
     else:
@@ -75,7 +77,7 @@ def parse_spec(text: str, seed: int | None = None, noise_hu: float | None = None
         if min(c, p, st, se, i) < 1 or not 8 <= matrix <= 2048:
             raise ValueError(f"bad archive spec {text!r}: counts must be >= 1 and the matrix 8..2048")
         spec = ArchiveSpec(collections=c, patients=p, studies=st, series=se, instances=i,
-                           matrix=matrix)
+                           matrix=matrix, awkward=False)
     changes = {}
     if seed is not None:
         changes["seed"] = seed
