@@ -98,16 +98,19 @@ class Mount:
             except AuthenticationFailed as exc:
                 raise MountError(str(exc)) from None
             self.client = NbiaClient(config.client, credentials)
+        prepare_cache_dir(config.cache.root)
+        scope = config.cache.scope_dir(config.client, self.client.user)
         try:
             if self.client.auth is not None:
                 self.client.auth.login()
         except AuthenticationFailed as exc:
             raise MountError(str(exc)) from None
         except ArchiveUnavailable as exc:
-            raise MountError(f"cannot reach the archive at {config.client.root_url}: {exc}") from None
-        user = self.client.user
-        scope = prepare_cache_dir(config.cache.scope_dir(config.client, user))
-        prepare_cache_dir(config.cache.root)
+            if not (scope / "metadata").is_dir():
+                raise MountError(f"cannot reach the archive at {config.client.root_url}: {exc}") from None
+            log.warning("the archive is unreachable (%s); serving what earlier mounts cached "
+                        "until it comes back", exc)
+        prepare_cache_dir(scope)
         self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
                                     config.cache.memory_listings)
         self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)

@@ -227,3 +227,67 @@ def test_remount_lists_from_persisted_metadata_without_requests(mount_factory, n
     assert second.path(series_path(series), f"{inst.sop_uid}.dcm").read_bytes() == inst.path.read_bytes()
     counts = nbia_archive_server.counters()["endpoints"]
     assert set(counts) <= {"oauth/token:password"}, counts  # the login, then nothing
+
+
+def test_remount_keeps_inode_numbers(mount_factory, nbia_archive_server):
+    series = big_series(nbia_archive_server)
+    rel = series_path(series)
+    inodes = []
+    for name in ("ino-a", "ino-b"):
+        m = mount_factory(nbia_archive_server.url, name=name)
+        inodes.append([os.stat(m.path(rel, f"{i.sop_uid}.dcm")).st_ino for i in series.instances]
+                      + [os.stat(m.path(rel)).st_ino])
+        m.stop()
+    assert inodes[0] == inodes[1] and len(set(inodes[0])) == len(inodes[0])
+
+
+def test_concurrent_opens_of_one_instance_download_once(mount_factory, nbia_archive_server):
+    import threading
+    m = mount_factory(nbia_archive_server.url, name="flight")
+    series = big_series(nbia_archive_server)
+    inst = series.instances[3]
+    path = m.path(series_path(series), f"{inst.sop_uid}.dcm")
+    os.listdir(path.parent)
+    nbia_archive_server.reset_counters()
+    nbia_archive_server.set_faults(latency_s=0.3)  # all opens arrive while the download runs
+    results = []
+    try:
+        threads = [threading.Thread(target=lambda: results.append(path.read_bytes())) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        nbia_archive_server.clear_faults()
+    assert results == [inst.path.read_bytes()] * 8
+    assert nbia_archive_server.counters()["endpoints"]["getSingleImage"] == 1
+
+
+def test_a_slash_in_an_id_is_escaped_and_reversible(mounted, nbia_archive_server):
+    patient = next(p for c in nbia_archive_server.index.collections for p in c["patients"]
+                   if "/" in p["PatientID"])
+    escaped = patient["PatientID"].replace("/", "%2F")
+    folder = mounted.path("Phantom-Body-MR", escaped)
+    assert escaped in os.listdir(mounted.path("Phantom-Body-MR"))
+    out = run("getfattr", "-n", "user.nbia.PatientId", "--only-values", str(folder))
+    assert out.stdout == patient["PatientID"]
+    study = os.listdir(folder)[0]
+    series = os.listdir(folder / study)[0]
+    first = sorted(os.listdir(folder / study / series))[0]
+    assert (folder / study / series / first).read_bytes()[128:132] == b"DICM"
+
+
+def test_remount_while_the_archive_is_down_serves_what_was_cached(nbia_archive_factory, mount_factory,
+                                                                  tmp_path):
+    archive = nbia_archive_factory()
+    first = mount_factory(archive.url, name="online", cache_dir=tmp_path / "cache")
+    series = big_series(archive)
+    inst = series.instances[0]
+    assert first.path(series_path(series), f"{inst.sop_uid}.dcm").read_bytes() == inst.path.read_bytes()
+    listing = run("ls", "-lR", str(first.mountpoint)).stdout.replace(str(first.mountpoint), "")
+    first.stop()
+    archive.stop()
+    offline = mount_factory(archive.url, name="offline", cache_dir=tmp_path / "cache")
+    assert run("ls", "-lR", str(offline.mountpoint)).stdout.replace(str(offline.mountpoint), "") == listing
+    assert offline.path(series_path(series), f"{inst.sop_uid}.dcm").read_bytes() == inst.path.read_bytes()
+    assert "archive is unreachable" in offline.log()

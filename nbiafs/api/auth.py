@@ -199,8 +199,7 @@ class TokenAuth(requests.auth.AuthBase):
 
     # ------------------------------------------------------------------ background refresh
     def start(self) -> None:
-        if self._token is None:
-            self.login()
+        """Start the background refresh (it logs in first if `login()` was not called or failed)."""
         self._thread = threading.Thread(target=self._refresh_loop, name="nbia-token-refresh",
                                         daemon=True)
         self._thread.start()

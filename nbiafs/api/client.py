@@ -118,6 +118,7 @@ class NbiaClient:
     def start(self) -> "NbiaClient":
         """Log in (v2) and start the background token refresh."""
         if self.auth:
+            self.auth.login()
             self.auth.start()
         return self
 

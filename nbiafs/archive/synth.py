@@ -166,6 +166,10 @@ def _add_awkward_cases(spec, rng, collections):
     odd["PatientID"] = odd["PatientName"] = f"phantom {old_id.lower()} b"
     for key in ("PatientSex", "SpeciesCode", "SpeciesDescription"):
         odd.pop(key, None)
+    # A patient ID that cannot be a path component as it is (a slash).
+    if len(collections) > 1 and collections[1]["patients"]:
+        slash = collections[1]["patients"][-1]
+        slash["PatientID"] = slash["PatientName"] = slash["PatientID"] + "/A"
     # A patient with no studies.
     first["patients"].append({"PatientID": "NOSTUDY-001", "PatientName": "NOSTUDY-001",
                               "PatientSex": "O", "Phantom": "YES", "studies": []})
