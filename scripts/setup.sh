@@ -7,8 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse libfuse2 attr dcmtk dcm2niix)
+PYTHON=${PYTHON:-python3}
 
 missing=()
+# Debian's own python3 needs python3-venv for `python3 -m venv`.
+if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
@@ -25,7 +30,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
-PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
