@@ -5,7 +5,8 @@ writes a verified instance into an open temporary file. A download goes to a
 private temporary file, and only a complete, verified one is stored; a partly
 downloaded instance is never visible, served or kept (a crash leaves at most a
 temporary file, which the next start removes). Concurrent opens of one instance
-cause one download (single flight, striped locks).
+cause one download (single flight); a bulk transfer can claim instances it is
+about to deliver, and opens of those wait for it rather than fetch them again.
 
 Every value is stored as its own file (`disk_min_file_size=0`), so an open
 handle is a real file: reads are `os.pread` on its descriptor, and eviction
@@ -22,15 +23,25 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+import cachetools
 import diskcache
 
 log = logging.getLogger(__name__)
 
-_STRIPES = 64
-SQLITE_OVERHEAD_BYTES = 1 << 20
+TOUCH_INTERVAL_S = 2.0  # how often reads are told to diskcache's LRU order
+
+
+class _Flight:
+    """One download of one instance under way; others wait for it instead of fetching again."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
 
 class InstanceCache:
+    """Locking: `_lock` guards `_flights` (key -> the one download under way)."""
+
     def __init__(self, directory: Path, max_bytes: int):
         self.directory = Path(directory)
         self.max_bytes = max_bytes
@@ -40,51 +51,171 @@ class InstanceCache:
         self._cache = diskcache.Cache(str(self.directory / "blobs"), size_limit=max_bytes,
                                       eviction_policy="least-recently-used",
                                       disk_min_file_size=0, cull_limit=64)
-        self._locks = [threading.Lock() for _ in range(_STRIPES)]
+        self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        # The hot path: where each recently opened instance's file is, so a cached open is
+        # one open(2) and no SQL. Reads are noted in `_touched` and told to diskcache (which
+        # keeps the least-recently-used order) by a background thread, off the hot path.
+        self._paths: cachetools.LRUCache = cachetools.LRUCache(maxsize=65536)
+        self._touched: set[str] = set()
+        self._stop = threading.Event()
+        self._toucher: threading.Thread | None = None
         self.downloads = 0
         self.hits = 0
 
+    @property
+    def tmp_dir(self) -> Path:
+        return self._tmp
+
+    def start(self) -> None:
+        self._toucher = threading.Thread(target=self._touch_loop, name="nbia-cache-lru", daemon=True)
+        self._toucher.start()
+
     def close(self) -> None:
+        self._stop.set()
+        if self._toucher is not None:
+            self._toucher.join(timeout=5)
+        self._flush_touches()
         self._cache.close()
+
+    def _touch_loop(self) -> None:
+        while not self._stop.wait(TOUCH_INTERVAL_S):
+            self._flush_touches()
+
+    def _flush_touches(self) -> None:
+        with self._lock:
+            touched, self._touched = self._touched, set()
+        for key in touched:
+            try:
+                handle = self._cache.get(key, read=True)  # diskcache notes the access
+            except OSError:
+                continue
+            if handle is not None:
+                handle.close()
 
     def open(self, key: str, fetch: Callable[[BinaryIO], int]) -> tuple[BinaryIO, bool]:
         """An open read handle on the instance `key`, fetched first if needed.
 
-        Returns (handle, downloaded_now). Raises what `fetch` raises; nothing is kept then.
+        If a download of `key` is under way (by another open, or a bulk transfer that
+        claimed it), wait for it; if that one ends without the instance, fetch it here.
+        Returns (handle, downloaded_here). Raises what `fetch` raises; nothing is kept then.
         """
-        handle = self._get(key)
-        if handle is not None:
-            self.hits += 1
-            return handle, False
-        with self._locks[hash(key) % _STRIPES]:
+        while True:
             handle = self._get(key)
             if handle is not None:
                 self.hits += 1
                 return handle, False
-            with tempfile.TemporaryFile(dir=self._tmp) as tmp:
-                fetch(tmp)
-                tmp.seek(0)
-                self._cache.set(key, tmp, read=True)
-            self.downloads += 1
-        handle = self._get(key)
-        if handle is None:  # evicted at once: the limit is smaller than one instance
-            raise OSError(28, "instance larger than the whole cache")
-        return handle, True
+            with self._lock:
+                flight = self._flights.get(key)
+                leader = flight is None
+                if leader:
+                    flight = self._flights[key] = _Flight()
+            if not leader:
+                flight.done.wait()
+                if flight.error is not None:
+                    raise flight.error
+                continue  # stored by the other download, or it gave up: look again
+            try:
+                handle = self._get(key)
+                if handle is not None:
+                    return handle, False
+                with tempfile.TemporaryFile(dir=self._tmp) as tmp:
+                    fetch(tmp)
+                    self._store(key, tmp)
+                self.downloads += 1
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                self._land(key, flight)
+            handle = self._get(key)
+            if handle is None:  # evicted at once: the limit is smaller than one instance
+                raise OSError(28, "instance larger than the whole cache")
+            return handle, True
 
+    # ------------------------------------------------------------------ bulk transfers
+    def claim(self, keys) -> set[str]:
+        """Claim the keys that are neither cached nor being fetched, for a bulk transfer.
+
+        Opens of a claimed key wait for `deliver` or `release` instead of fetching it.
+        """
+        claimed = set()
+        with self._lock:
+            for key in keys:
+                if key not in self._flights and key not in self._cache:
+                    self._flights[key] = _Flight()
+                    claimed.add(key)
+        return claimed
+
+    def deliver(self, key: str, src: BinaryIO) -> None:
+        """Store a verified instance of a claimed key and wake its waiters."""
+        with self._lock:
+            flight = self._flights.get(key)
+        try:
+            self._store(key, src)
+            self.downloads += 1
+        finally:
+            if flight is not None:
+                self._land(key, flight)
+
+    def release(self, key: str) -> None:
+        """Give up a claimed key: its waiters fetch it themselves."""
+        with self._lock:
+            flight = self._flights.get(key)
+        if flight is not None:
+            self._land(key, flight)
+
+    def in_flight(self, key: str) -> bool:
+        with self._lock:
+            return key in self._flights
+
+    def _land(self, key: str, flight: _Flight) -> None:
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.done.set()
+
+    def _store(self, key: str, src: BinaryIO) -> None:
+        src.seek(0)
+        self._cache.set(key, src, read=True)
+
+    # ------------------------------------------------------------------ lookups
     def contains(self, key: str) -> bool:
+        with self._lock:
+            path = self._paths.get(key)
+        if path is not None and os.path.exists(path):
+            return True
         return key in self._cache
 
     def _get(self, key: str) -> BinaryIO | None:
+        with self._lock:
+            path = self._paths.get(key)
+        if path is not None:
+            try:
+                handle = open(path, "rb")
+            except FileNotFoundError:  # evicted since: ask the index
+                with self._lock:
+                    self._paths.pop(key, None)
+            else:
+                with self._lock:
+                    self._touched.add(key)
+                return handle
         try:
-            return self._cache.get(key, read=True)
+            handle = self._cache.get(key, read=True)
         except OSError:  # the file vanished under the index (evicted meanwhile)
             return None
+        if handle is not None and getattr(handle, "name", None):
+            with self._lock:
+                self._paths[key] = handle.name
+        return handle
 
     def volume(self) -> int:
         return self._cache.volume()
 
     def clear(self) -> None:
         self._cache.clear()
+        with self._lock:
+            self._paths.clear()
 
 
 def pread(handle: BinaryIO, size: int, offset: int) -> bytes:

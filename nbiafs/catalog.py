@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import cachetools
+
 from nbiafs import naming
 from nbiafs.api import models
 from nbiafs.api.client import NbiaClient
@@ -30,7 +32,9 @@ from nbiafs.metastore import MetadataStore
 
 ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE = (
     "root", "collection", "patient", "study", "series", "instance")
-DEPTH = [ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE]
+# A resolved path is trusted this long without walking its parents' listings again
+# (like the kernel's entry timeout; listings themselves live much longer).
+NODE_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Node:
     series_uid: str | None = None
     sop_uid: str | None = None
     record: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    stamp: str | None = None  # the archive date its mtime comes from
 
     @property
     def is_dir(self) -> bool:
@@ -51,20 +56,28 @@ class Node:
     def child(self, kind: str, name: str, record: dict, **ids) -> "Node":
         path = ("" if self.path == "/" else self.path) + "/" + name
         base = {k: getattr(self, k) for k in ("collection", "patient_id", "study_uid", "series_uid")}
-        return Node(kind, path, **{**base, **ids}, record=record)
+        if kind == STUDY:
+            stamp = record.get("StudyDate")
+        elif kind == SERIES:
+            stamp = record.get("TimeStamp") or record.get("SeriesDate")
+        else:
+            stamp = self.stamp  # an instance has its series' date
+        return Node(kind, path, **{**base, **ids}, record=record, stamp=stamp)
 
 
 ROOT_NODE = Node(ROOT, "/")
 
 
 class Catalog:
-    def __init__(self, client: NbiaClient, store: MetadataStore, negative_ttl_s: float = 5.0):
+    def __init__(self, client: NbiaClient, store: MetadataStore, negative_ttl_s: float = 5.0,
+                 node_ttl_s: float = NODE_TTL_S):
         self.client = client
         self.store = store
         self.negative_ttl_s = negative_ttl_s
-        self._lock = threading.Lock()  # guards _memo and _exact_versions
+        self._lock = threading.Lock()  # guards _memo, _exact_versions and _nodes
         self._memo: dict[str, tuple[Any, Any]] = {}
         self._exact_versions: dict[str, int] = {}
+        self._nodes = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
 
     # ------------------------------------------------------------------ listings (one request each)
     def collections(self, max_age_s=None) -> list[str]:
@@ -158,6 +171,16 @@ class Catalog:
 
     # ------------------------------------------------------------------ resolution
     def resolve(self, path: str) -> Node:
+        """The node at `path`; resolved paths are remembered for `node_ttl_s` (the hot path)."""
+        with self._lock:
+            node = self._nodes.get(path)
+        if node is None:
+            node = self._walk(path)
+            with self._lock:
+                self._nodes[path] = node
+        return node
+
+    def _walk(self, path: str) -> Node:
         node = ROOT_NODE
         for name in (p for p in path.split("/") if p):
             if not node.is_dir:

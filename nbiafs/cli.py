@@ -86,6 +86,10 @@ def _add_mount(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_client_options(p)
+    p.add_argument("--connections", type=int, default=8, metavar="N",
+                   help="concurrent downloads when prefetching a series (default: 8)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="fetch only the files that are opened, never the rest of their series")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
@@ -108,11 +112,16 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
 
     from nbiafs.api.client import PRESETS, ClientConfig
     from nbiafs.config import CacheConfig, MountConfig, parse_size
+    from nbiafs.prefetch import PrefetchConfig
 
     try:
         size = parse_size(args.cache_size)
     except ValueError as exc:
         raise CliError(f"--cache-size: {exc}") from None
+    connections = getattr(args, "connections", 8)
+    if not 1 <= connections <= 64:
+        raise CliError(f"--connections {connections}: use 1 to 64")
+    prefetch = PrefetchConfig(connections=connections, enabled=not getattr(args, "no_prefetch", False))
     root = root_url or PRESETS.get(args.url, args.url)
     if not root.startswith(("http://", "https://")):
         raise CliError(f"--url {args.url}: not an http(s) URL or a preset (tcia, nlst)")
@@ -120,7 +129,7 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
     if cache_dir or args.cache_dir:
         cache = replace(cache, root=Path(cache_dir or args.cache_dir).expanduser().absolute())
     return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),
-                       client=ClientConfig(root_url=root, api=args.api), cache=cache,
+                       client=ClientConfig(root_url=root, api=args.api), cache=cache, prefetch=prefetch,
                        user=args.user, foreground=args.foreground, allow_other=args.allow_other)
 
 

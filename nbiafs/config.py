@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbiafs.api.client import ClientConfig
+from nbiafs.prefetch import PrefetchConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
@@ -50,6 +51,7 @@ class MountConfig:
     mountpoint: Path
     client: ClientConfig
     cache: CacheConfig
+    prefetch: PrefetchConfig = PrefetchConfig()
     user: str | None = None
     foreground: bool = False
     allow_other: bool = False

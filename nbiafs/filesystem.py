@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import functools
 import hashlib
 import itertools
 import logging
@@ -22,8 +23,9 @@ import threading
 from typing import BinaryIO
 
 from nbiafs.blobcache import InstanceCache, pread
-from nbiafs.catalog import INSTANCE, SERIES, STUDY, Catalog, Node
+from nbiafs.catalog import INSTANCE, SERIES, Catalog, Node
 from nbiafs.errors import NbiaError, ReadOnly
+from nbiafs.prefetch import Prefetcher, key_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class NoAttribute(NbiaError):
     errno = errno.ENODATA
 
 
+@functools.lru_cache(maxsize=4096)
 def archive_time(text: str | None) -> float | None:
     """`2015-05-27 17:12:21.0`, `2015-05-27`, `05-27-2015` -> POSIX time (UTC)."""
     if not text:
@@ -58,10 +61,11 @@ def inode(path: str) -> int:
 
 
 class NbiaFilesystem:
-    def __init__(self, catalog: Catalog, cache: InstanceCache, uid: int | None = None,
-                 gid: int | None = None):
+    def __init__(self, catalog: Catalog, cache: InstanceCache, prefetcher: Prefetcher | None = None,
+                 uid: int | None = None, gid: int | None = None):
         self.catalog = catalog
         self.cache = cache
+        self.prefetcher = prefetcher
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._handles: dict[int, BinaryIO] = {}
@@ -85,24 +89,10 @@ class NbiaFilesystem:
                          st_blocks=(size + 511) // 512)
         return attrs
 
-    def _mtime(self, node: Node) -> float:
-        record = node.record
-        if node.kind == STUDY:
-            stamp = archive_time(record.get("StudyDate"))
-        elif node.kind == SERIES:
-            stamp = archive_time(record.get("TimeStamp") or record.get("SeriesDate"))
-        elif node.kind == INSTANCE:
-            series = self._series_record(node)
-            stamp = archive_time(series.get("TimeStamp") or series.get("SeriesDate"))
-        else:
-            stamp = None
+    @staticmethod
+    def _mtime(node: Node) -> float:
+        stamp = archive_time(node.stamp)
         return stamp if stamp is not None else UNDATED_MTIME
-
-    def _series_record(self, node: Node) -> dict:
-        for record in self.catalog.patient_series(node.collection, node.patient_id):
-            if record.get("SeriesInstanceUID") == node.series_uid:
-                return record
-        return {}
 
     # ------------------------------------------------------------------ directories
     def readdir(self, path: str) -> list[tuple[str, dict]]:
@@ -126,7 +116,11 @@ class NbiaFilesystem:
         return fh, True
 
     def open_instance(self, node: Node) -> BinaryIO:
-        key = f"{node.series_uid}/{node.sop_uid}"
+        key = key_of(node.series_uid, node.sop_uid)
+        if self.prefetcher is not None:
+            total = self.catalog.series_size(node.series_uid)
+            self.prefetcher.opened(node.series_uid, node.sop_uid,
+                                   self.catalog.instances(node.series_uid), total[0] if total else 0)
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
@@ -169,7 +163,7 @@ class NbiaFilesystem:
         out = {XATTR_PREFIX + key.replace(" ", "_"): _text(value) for key, value in record.items()
                if value is not None and value != ""}
         if node.kind == INSTANCE:
-            out[STATE_XATTR] = "yes" if self.cache.contains(f"{node.series_uid}/{node.sop_uid}") else "no"
+            out[STATE_XATTR] = "yes" if self.cache.contains(key_of(node.series_uid, node.sop_uid)) else "no"
         return out
 
     # ------------------------------------------------------------------ filesystem

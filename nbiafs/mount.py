@@ -25,6 +25,7 @@ from nbiafs.config import MountConfig
 from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError
 from nbiafs.filesystem import NbiaFilesystem
 from nbiafs.metastore import MetadataStore
+from nbiafs.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Mount:
         self.fs: NbiaFilesystem | None = None
         self._store: MetadataStore | None = None
         self._cache: InstanceCache | None = None
+        self.prefetcher: Prefetcher | None = None
 
     def start(self) -> NbiaFilesystem:
         """Log in and build the filesystem. Raises MountError with one line on failure."""
@@ -115,15 +117,23 @@ class Mount:
                                     config.cache.memory_listings)
         self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
         catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s)
-        self.fs = NbiaFilesystem(catalog, self._cache)
+        self.prefetcher = Prefetcher(self._cache, self.client, config.prefetch,
+                                     on_stored=catalog.record_exact_size)
+        self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher)
         return self.fs
 
     def start_threads(self) -> None:
-        """Background work (token refresh); called from FUSE init, after daemonising."""
+        """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
         if self.client is not None and self.client.auth is not None:
             self.client.auth.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+        if self._cache is not None:
+            self._cache.start()
 
     def stop(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
         if self.fs is not None:
             self.fs.close()
         if self.client is not None:

@@ -174,7 +174,7 @@ def test_size_race_over_never_fetched_instances(mount_factory, nbia_archive_serv
         with open(path, "rb") as f:
             bytes_ok = f.read() == truth
         if not (ok and size_ok and bytes_ok):
-            mismatches.append((reader, inst.sop_uid, ok, size_ok, bytes_ok))
+            mismatches.append((reader, n, ok, size_ok, bytes_ok, len(truth), os.stat(path).st_size))
     assert mismatches == []
 
 

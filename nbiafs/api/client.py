@@ -372,6 +372,22 @@ class NbiaClient:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
 
+    def open_series_zip(self, series_uid: str):
+        """Start a getImage zip of the series; return the streaming response (use as a context
+        manager and read `iter_content`). Retries until the answer starts; the body is the
+        caller's to check (a zip cut short still ends with 200)."""
+        params = {"SeriesInstanceUID": series_uid}
+
+        def start(state):
+            r = self._send("getImage", params, state, stream=True)
+            try:
+                self._raise_for_download(r, "getImage")
+            except BaseException:
+                r.close()
+                raise
+            return r
+        return self._with_retries("getImage", self.config.image_budget_s, start)
+
     def _zip_once(self, endpoint: str, params: dict, dest: BinaryIO, state: dict) -> int:
         dest.seek(0)
         dest.truncate()
