@@ -19,6 +19,7 @@ total, spread in name order, so the sizes of a series always add up to
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +36,8 @@ ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE = (
 # A resolved path is trusted this long without walking its parents' listings again
 # (like the kernel's entry timeout; listings themselves live much longer).
 NODE_TTL_S = 30.0
+EXACT_FLUSH_S = 1.0              # exact sizes of a series reach the disk at most this often
+EXACT_SERIES_IN_MEMORY = 16384   # series whose exact sizes are held in memory
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,13 @@ class Catalog:
         self.client = client
         self.store = store
         self.negative_ttl_s = negative_ttl_s
-        self._lock = threading.Lock()  # guards _memo, _exact_versions and _nodes
+        self._lock = threading.Lock()  # guards _memo, _nodes and the four exact-size fields
         self._memo: dict[str, tuple[Any, Any]] = {}
         self._exact_versions: dict[str, int] = {}
         self._nodes = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
+        self._exact: dict[str, dict[str, int]] = {}  # series -> sop -> exact size
+        self._dirty: set[str] = set()                # series whose exact sizes are not on disk yet
+        self._flushed_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ listings (one request each)
     def collections(self, max_age_s=None) -> list[str]:
@@ -211,26 +217,59 @@ class Catalog:
     def series_sizes(self, series_uid: str) -> dict[str, tuple[int, bool]]:
         sops = self.instances(series_uid)
         total = self.series_size(series_uid)
-        with self._lock:
-            version = self._exact_versions.get(series_uid, 0)
         key = f"sizes\0{series_uid}"
         with self._lock:
+            version = self._exact_versions.get(series_uid, 0)
             memo = self._memo.get(key)
         if memo is not None and memo[0] is sops and memo[1] == (total, version):
             return memo[2]
-        exact = self.store.get(f"exact\0{series_uid}", {})
+        exact = self._exact_sizes(series_uid)
         sizes = spread_sizes(sops, total[0] if total else 0, exact)
         with self._lock:
             self._memo[key] = (sops, (total, version), sizes)
         return sizes
 
-    def record_exact_size(self, series_uid: str, sop_uid: str, size: int) -> None:
-        key = f"exact\0{series_uid}"
-        if self.store.get(key, {}).get(sop_uid) == size:
-            return
-        self.store.update(key, lambda d: {**(d or {}), sop_uid: size}, {})
+    def _exact_sizes(self, series_uid: str) -> dict[str, int]:
+        """A copy of the exact sizes known for the series (loaded from disk once)."""
         with self._lock:
+            known = self._exact.get(series_uid)
+            if known is not None:
+                return dict(known)
+        loaded = dict(self.store.get(f"exact\0{series_uid}", {}) or {})
+        with self._lock:
+            known = self._exact.setdefault(series_uid, loaded)
+            return dict(known)
+
+    def record_exact_size(self, series_uid: str, sop_uid: str, size: int) -> None:
+        """Remember a fetched instance's size: at once in memory, on disk at most once a second
+        per series (and at `flush`); a size lost in a crash is recorded again at the next open."""
+        self._exact_sizes(series_uid)  # loaded
+        with self._lock:
+            known = self._exact[series_uid]
+            if known.get(sop_uid) == size:
+                return
+            known[sop_uid] = size
             self._exact_versions[series_uid] = self._exact_versions.get(series_uid, 0) + 1
+            self._dirty.add(series_uid)
+            due = time.monotonic() - self._flushed_at.get(series_uid, 0.0) >= EXACT_FLUSH_S
+        if due:
+            self._persist(series_uid)
+
+    def flush(self) -> None:
+        """Write every exact size not yet on disk (at unmount)."""
+        with self._lock:
+            dirty = list(self._dirty)
+        for series_uid in dirty:
+            self._persist(series_uid)
+
+    def _persist(self, series_uid: str) -> None:
+        with self._lock:
+            self._dirty.discard(series_uid)
+            self._flushed_at[series_uid] = time.monotonic()
+            snapshot = dict(self._exact.get(series_uid, {}))
+            if len(self._exact) > EXACT_SERIES_IN_MEMORY and not self._dirty:
+                self._exact.clear()
+        self.store.put(f"exact\0{series_uid}", snapshot)
 
 
 def spread_sizes(sops: list[str], total: int, exact: dict[str, int]) -> dict[str, tuple[int, bool]]:

@@ -135,6 +135,8 @@ class Mount:
         if self.prefetcher is not None:
             self.prefetcher.stop()
         if self.fs is not None:
+            self.fs.catalog.flush()
+        if self.fs is not None:
             self.fs.close()
         if self.client is not None:
             try:
