@@ -178,6 +178,7 @@ class InstanceCache:
     def _store(self, key: str, src: BinaryIO) -> None:
         src.seek(0)
         self._cache.set(key, src, read=True)
+        self._get(key).close()  # learn where it is now, so the reader's open skips the index
 
     # ------------------------------------------------------------------ lookups
     def contains(self, key: str) -> bool:

@@ -18,6 +18,8 @@ total, spread in name order, so the sizes of a series always add up to
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,8 +30,10 @@ import cachetools
 from nbiafs import naming
 from nbiafs.api import models
 from nbiafs.api.client import NbiaClient
-from nbiafs.errors import NotFound
+from nbiafs.errors import NbiaError, NotFound
 from nbiafs.metastore import MetadataStore
+
+log = logging.getLogger(__name__)
 
 ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE = (
     "root", "collection", "patient", "study", "series", "instance")
@@ -38,6 +42,10 @@ ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE = (
 NODE_TTL_S = 30.0
 EXACT_FLUSH_S = 1.0              # exact sizes of a series reach the disk at most this often
 EXACT_SERIES_IN_MEMORY = 16384   # series whose exact sizes are held in memory
+# Studies and series of a collection with at most this many patients are asked in one request
+# each (LIDC-IDRI: 1,010 patients, 1,308 series); larger ones (NLST: 26,254) patient by patient.
+COLLECTION_WIDE_MAX_PATIENTS = 2000
+WALK_CONNECTIONS = 8  # listings fetched at once when a tree walk is evident
 
 
 @dataclass(frozen=True)
@@ -77,13 +85,15 @@ class Catalog:
         self.client = client
         self.store = store
         self.negative_ttl_s = negative_ttl_s
-        self._lock = threading.Lock()  # guards _memo, _nodes and the four exact-size fields
+        self._lock = threading.Lock()  # guards _memo, _nodes, _walks, _pool and the exact-size fields
         self._memo: dict[str, tuple[Any, Any]] = {}
         self._exact_versions: dict[str, int] = {}
         self._nodes = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
         self._exact: dict[str, dict[str, int]] = {}  # series -> sop -> exact size
         self._dirty: set[str] = set()                # series whose exact sizes are not on disk yet
         self._flushed_at: dict[str, float] = {}
+        self._walks: dict[tuple[str, str], list] = {}  # (level, collection) -> [started, listed]
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ listings (one request each)
     def collections(self, max_age_s=None) -> list[str]:
@@ -95,17 +105,59 @@ class Catalog:
                     if p.collection in (None, collection) or p.collection.lower() == collection.lower()]
         return self.store.listing(f"patients\0{collection}", fetch, max_age_s)
 
+    def collection_wide(self, collection: str) -> bool:
+        """Whether studies and series of this collection are asked for all patients at once."""
+        return len(self.patients(collection)) <= COLLECTION_WIDE_MAX_PATIENTS
+
     def studies(self, collection: str, patient_id: str, max_age_s=None) -> list[dict]:
+        if self.collection_wide(collection):
+            key = f"studies\0{collection}"
+            rows = self.store.listing(
+                key, lambda: [s.raw for s in self.client.get_patient_studies(collection)], max_age_s)
+            return self._by_patient(key, rows).get(patient_id, [])
+
         def fetch():
             return [s.raw for s in self.client.get_patient_studies(collection, patient_id)
                     if s.patient_id == patient_id]
         return self.store.listing(f"studies\0{collection}\0{patient_id}", fetch, max_age_s)
 
     def patient_series(self, collection: str, patient_id: str, max_age_s=None) -> list[dict]:
+        if self.collection_wide(collection):
+            key = f"series\0{collection}"
+            rows = self.store.listing(
+                key, lambda: [s.raw for s in self.client.get_series(collection=collection)], max_age_s)
+            return self._by_patient(key, rows).get(patient_id, [])
+
         def fetch():
             return [s.raw for s in self.client.get_series(collection=collection, patient_id=patient_id)
                     if s.patient_id == patient_id]
         return self.store.listing(f"series\0{collection}\0{patient_id}", fetch, max_age_s)
+
+    def _by_patient(self, key: str, rows: list[dict]) -> dict[str, list[dict]]:
+        def group(rows):
+            out: dict[str, list[dict]] = {}
+            for row in rows:
+                pid = models.as_str(row.get("PatientID", row.get("PatientId")))
+                if pid is not None:
+                    out.setdefault(pid, []).append(row)
+            return out
+        return self._memoised(f"bypatient\0{key}", rows, group)
+
+    def series_record(self, node: Node) -> dict:
+        """The getSeries record of the series of `node` (a series or an instance)."""
+        rows = self.patient_series(node.collection, node.patient_id)
+        by_uid = self._memoised(f"byuid\0{node.collection}\0{node.patient_id}", rows,
+                                lambda v: {r.get("SeriesInstanceUID"): r for r in v})
+        return by_uid.get(node.series_uid, {})
+
+    def series_total(self, node: Node) -> int | None:
+        """Bytes of the series: getSeries' FileSize when the archive gave it (no request),
+        else getSeriesSize's TotalSizeInBytes."""
+        total = models.as_int(self.series_record(node).get("FileSize"))
+        if total is not None:
+            return total
+        size = self.series_size(node.series_uid)
+        return size[0] if size else None
 
     def instances(self, series_uid: str, max_age_s=None) -> list[str]:
         def fetch():
@@ -203,20 +255,83 @@ class Catalog:
         return node
 
     def _listing_age(self, node: Node) -> float | None:
+        wide = node.kind in (PATIENT, STUDY) and self.collection_wide(node.collection)
+        per = "" if wide else f"\0{node.patient_id}"
         key = {ROOT: "collections", COLLECTION: f"patients\0{node.collection}",
-               PATIENT: f"studies\0{node.collection}\0{node.patient_id}",
-               STUDY: f"series\0{node.collection}\0{node.patient_id}",
+               PATIENT: f"studies\0{node.collection}{per}",
+               STUDY: f"series\0{node.collection}{per}",
                SERIES: f"instances\0{node.series_uid}"}[node.kind]
         return self.store.age_s(key)
+
+    # ------------------------------------------------------------------ walks
+    def listed(self, node: Node) -> None:
+        """A directory was listed. When a walk is evident (a second sibling of its level in the
+        same collection was listed), list the rest of that level in the background,
+        `WALK_CONNECTIONS` requests at a time, so the walk finds them cached."""
+        if node.kind == SERIES:
+            level = "series"
+        elif node.kind == PATIENT and not self.collection_wide(node.collection):
+            level = "patients"
+        else:
+            return
+        key = (level, node.collection)
+        now = time.monotonic()
+        with self._lock:
+            walk = self._walks.setdefault(key, [0.0, set()])
+            if now - walk[0] < self.store.ttl_s:
+                return  # already walked
+            walk[1].add(node.path)
+            if len(walk[1]) < 2:
+                return
+            self._walks[key] = [now, set()]
+        if level == "series":
+            if self.collection_wide(node.collection):
+                rows = self.store.get(f"series\0{node.collection}", [])
+            else:
+                rows = self.patient_series(node.collection, node.patient_id)
+            jobs = [(self.instances, r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")]
+        else:
+            jobs = [(self._patient_listings, (node.collection, pid)) for pid in
+                    (models.as_str(p.get("PatientId", p.get("PatientID"))) for p in self.patients(node.collection))
+                    if pid]
+        log.debug("walk of %s evident: listing %d %s in the background", node.collection, len(jobs), level)
+        pool = self._walk_pool()
+        for fn, arg in jobs:
+            pool.submit(self._quietly, fn, arg)
+
+    def _patient_listings(self, ids: tuple[str, str]) -> None:
+        self.studies(*ids)
+        self.patient_series(*ids)
+
+    @staticmethod
+    def _quietly(fn, arg) -> None:
+        try:
+            fn(arg)
+        except NbiaError as exc:  # the walk itself will ask again and report
+            log.debug("background listing failed: %s", exc)
+
+    def _walk_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:  # created on first use: after the daemon has forked
+                self._pool = concurrent.futures.ThreadPoolExecutor(WALK_CONNECTIONS, "nbia-walk")
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.flush()
 
     # ------------------------------------------------------------------ sizes
     def instance_size(self, node: Node) -> tuple[int, bool]:
         """(st_size, exact) of an instance."""
-        return self.series_sizes(node.series_uid).get(node.sop_uid, (0, False))
+        return self.series_sizes(node).get(node.sop_uid, (0, False))
 
-    def series_sizes(self, series_uid: str) -> dict[str, tuple[int, bool]]:
+    def series_sizes(self, node: Node) -> dict[str, tuple[int, bool]]:
+        series_uid = node.series_uid
         sops = self.instances(series_uid)
-        total = self.series_size(series_uid)
+        total = self.series_total(node)
         key = f"sizes\0{series_uid}"
         with self._lock:
             version = self._exact_versions.get(series_uid, 0)
@@ -224,7 +339,7 @@ class Catalog:
         if memo is not None and memo[0] is sops and memo[1] == (total, version):
             return memo[2]
         exact = self._exact_sizes(series_uid)
-        sizes = spread_sizes(sops, total[0] if total else 0, exact)
+        sizes = spread_sizes(sops, total or 0, exact)
         with self._lock:
             self._memo[key] = (sops, (total, version), sizes)
         return sizes

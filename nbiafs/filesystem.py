@@ -99,7 +99,9 @@ class NbiaFilesystem:
         node = self.catalog.resolve(path)
         if not node.is_dir:
             raise NbiaError(f"{path}: not a directory")
-        return [(name, self.attributes(child)) for name, child in self.catalog.children(node).items()]
+        entries = [(name, self.attributes(child)) for name, child in self.catalog.children(node).items()]
+        self.catalog.listed(node)
+        return entries
 
     # ------------------------------------------------------------------ files
     def open(self, path: str, flags: int) -> tuple[int, bool]:
@@ -118,9 +120,8 @@ class NbiaFilesystem:
     def open_instance(self, node: Node) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
         if self.prefetcher is not None:
-            total = self.catalog.series_size(node.series_uid)
-            self.prefetcher.opened(node.series_uid, node.sop_uid,
-                                   self.catalog.instances(node.series_uid), total[0] if total else 0)
+            self.prefetcher.opened(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
+                                   self.catalog.series_total(node) or 0)
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.

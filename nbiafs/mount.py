@@ -135,7 +135,7 @@ class Mount:
         if self.prefetcher is not None:
             self.prefetcher.stop()
         if self.fs is not None:
-            self.fs.catalog.flush()
+            self.fs.catalog.close()
         if self.fs is not None:
             self.fs.close()
         if self.client is not None:

@@ -35,9 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pydicom
-
 from nbiafs.blobcache import InstanceCache
+from nbiafs.dicomhead import sop_instance_uid
 from nbiafs.errors import NbiaError
 from nbiafs.zipstream import TruncatedZip, iter_entries
 
@@ -191,7 +190,7 @@ class Prefetcher:
                 for name, entry in iter_entries(chunks, tmp_dir=self.cache.tmp_dir):
                     if self._stop.is_set() or self._idle(state):
                         break
-                    sop = _sop_uid(entry) if name.lower().endswith(".dcm") else None
+                    sop = sop_instance_uid(entry) if name.lower().endswith(".dcm") else None
                     key = key_of(uid, sop) if sop else None
                     if key in claimed:
                         size = _size(entry)
@@ -222,20 +221,6 @@ def _after(sops: list[str], current: str) -> list[str]:
         return list(sops)
     i = sops.index(current)
     return sops[i + 1:] + sops[:i]
-
-
-def _sop_uid(entry) -> str | None:
-    """(0008,0018) of a DICOM file, or None if it is not one."""
-    entry.seek(0)
-    try:
-        ds = pydicom.dcmread(entry, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        uid = str(ds.SOPInstanceUID)
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not an instance
-        uid = None
-    entry.seek(0)
-    preamble = entry.read(132)
-    entry.seek(0)
-    return uid if preamble[128:132] == b"DICM" else None
 
 
 def _size(handle) -> int:

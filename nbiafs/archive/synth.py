@@ -64,10 +64,16 @@ def plan_archive(spec: ArchiveSpec) -> dict:
         modality = "CT" if c % 2 == 0 else "MR"
         coll = _plan_collection(spec, rng, name, modality, spec.patients, restricted=False)
         collections.append(coll)
-    if spec.first_series_instances and collections:
-        big = collections[0]["patients"][0]["studies"][0]["series"][0]
-        big["instances"] = [_plan_instance(spec, big["SeriesInstanceUID"], i)
-                            for i in range(spec.first_series_instances)]
+    if spec.big_series and collections:
+        patient = collections[0]["patients"][0]
+        study = patient["studies"][0]
+        for k in range(spec.big_series):
+            big = _plan_series(spec, rng, collections[0]["Collection"], patient["PatientID"], study,
+                               100 + k, "CT", spec.big_series_instances, tuple(study["series"][0]["lesion"]),
+                               description=f"AXIAL 1.25mm STANDARD {k + 1}")
+            big["matrix"] = spec.big_matrix
+            big["slice_thickness"] = 1.25
+            study["series"].append(big)
     if spec.awkward:
         _add_awkward_cases(spec, rng, collections)
     carts = {}
@@ -237,7 +243,7 @@ def _write_instance(spec, folder, coll, patient, study, series, inst, idx, n, pa
 
 def build_dataset(spec, coll, patient, study, series, inst, idx, n, pad=0) -> Dataset:
     modality = series["Modality"]
-    matrix = spec.matrix
+    matrix = series.get("matrix", spec.matrix)
     fov_mm = 400.0 if modality == "CT" else 380.0
     spacing = fov_mm / matrix
     thickness = series["slice_thickness"]
