@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_mount(sub)
+    _add_prefetch(sub)
     _add_demo(sub)
     _add_serve(sub)
     return parser
@@ -71,6 +72,9 @@ def _add_client_options(p) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/nbiafs")
     p.add_argument("--cache-size", default="20G", metavar="SIZE",
                    help="instance cache limit, e.g. 500M, 20G (default: 20G)")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                   help="longest a call may wait on the archive, retries included, before it fails "
+                        "with EIO (default: 60 for listings, 120 for a file)")
     p.add_argument("--log-level", default="WARNING", metavar="LEVEL",
                    help="DEBUG, INFO, WARNING (default) or ERROR")
 
@@ -94,6 +98,31 @@ def _add_mount(sub) -> None:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
     p.set_defaults(func=run_mount)
+
+
+def _add_prefetch(sub) -> None:
+    p = sub.add_parser("prefetch", help="fetch series, studies, patients or collections into the cache",
+                       description="Warm a mount's cache ahead of a job: every instance below each "
+                                   "PATH (on an nbiafs mount) is fetched, with progress. Resumable: "
+                                   "what is cached already is skipped.",
+                       epilog="example:\n  nbiafs prefetch ~/tcia/LIDC-IDRI/LIDC-IDRI-0001",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", metavar="PATH", nargs="+")
+    p.add_argument("--jobs", "-j", type=int, default=4, metavar="N",
+                   help="files opened at once (default: 4); the mount's own prefetch does the rest")
+    p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
+    p.set_defaults(func=run_prefetch)
+
+
+def run_prefetch(args) -> int:
+    from pathlib import Path
+
+    from nbiafs.warm import WarmError, run
+
+    try:
+        return run([Path(p) for p in args.paths], jobs=args.jobs)
+    except WarmError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _add_demo(sub) -> None:
@@ -128,8 +157,11 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
     cache = CacheConfig(max_bytes=size)
     if cache_dir or args.cache_dir:
         cache = replace(cache, root=Path(cache_dir or args.cache_dir).expanduser().absolute())
+    client = ClientConfig(root_url=root, api=args.api)
+    if getattr(args, "timeout", None):
+        client = replace(client, metadata_budget_s=args.timeout, image_budget_s=args.timeout)
     return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),
-                       client=ClientConfig(root_url=root, api=args.api), cache=cache, prefetch=prefetch,
+                       client=client, cache=cache, prefetch=prefetch,
                        user=args.user, foreground=args.foreground, allow_other=args.allow_other)
 
 
@@ -161,7 +193,7 @@ def run_demo(args) -> int:
     archive = LocalArchive(load_synthetic("demo")).start()
     cache_dir = tempfile.mkdtemp(prefix="nbiafs-demo-cache-")
     args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "v2", None, None, "1G"
-    args.foreground, args.allow_other = True, False
+    args.foreground, args.allow_other, args.timeout = True, False, None
     config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
     print(demo_instructions(archive, mountpoint), flush=True)
     try:

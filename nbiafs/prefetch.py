@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class PrefetchConfig:
     connections: int = 8          # concurrent single fetches (the official retriever and s3fs keep to a few)
     small_series: int = 8         # prefetch at the first open when the series has at most this many
-    zip_min_instances: int = 12   # use a getImage zip when at least this many are left to fetch
+    zip_min_instances: int = 10   # use a getImage zip when this many are left (more than 8 connections fetch at once)
     idle_stop_s: float = 10.0     # stop a series nobody opened anything of for this long
     max_series: int = 2           # series prefetched at once; opening a third drops the oldest
     enabled: bool = True

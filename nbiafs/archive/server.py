@@ -41,7 +41,8 @@ from nbiafs.archive.tokens import InvalidGrant, TokenStore
 log = logging.getLogger(__name__)
 
 SERVER_ERROR_BODY = b"Server was not able to process your request\nnull"  # 48 bytes, text/plain
-CHUNK = 64 * 1024
+CHUNK = 64 * 1024          # file reads
+WIRE_CHUNK = 16 * 1024     # what goes on the wire at once: paced links see a steady stream
 # Endpoints that answer 500 (not an empty 200) to a v2 request without a token.
 TOKEN_REQUIRED = IMAGE_ENDPOINTS | {"getCollectionValues"}
 FORMATS = {"json": "application/json", "csv": "text/csv", "xml": "application/xml",
@@ -229,8 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not links:
             self.wfile.write(data)
             return
-        for off in range(0, len(data), CHUNK):
-            piece = data[off:off + CHUNK]
+        for off in range(0, len(data), WIRE_CHUNK):
+            piece = data[off:off + WIRE_CHUNK]
             pace(links, len(piece))
             self.wfile.write(piece)
 
@@ -453,7 +454,7 @@ class _ChunkedWriter(io.RawIOBase):
 
     def write(self, data) -> int:
         self.buffer += data
-        if len(self.buffer) >= CHUNK:
+        if len(self.buffer) >= WIRE_CHUNK:
             self._flush_chunk()
         return len(data)
 

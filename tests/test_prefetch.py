@@ -1,0 +1,162 @@
+"""Speed features through real mounts: series prefetch by zip, fallbacks, walks, `nbiafs prefetch`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import public_series, series_path
+
+from nbiafs.api.client import ClientConfig, NbiaClient
+from nbiafs.archive.spec import parse_spec
+from nbiafs.blobcache import InstanceCache
+from nbiafs.prefetch import PrefetchConfig, Prefetcher, key_of
+
+pytestmark = pytest.mark.mount
+
+
+def md5s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def truth(series) -> dict[str, str]:
+    return {f"{i.sop_uid}.dcm": i.md5 for i in series.instances}
+
+
+def big(archive):
+    return max(public_series(archive), key=lambda s: len(s.instances))
+
+
+def test_reading_a_series_uses_one_zip(nbia_archive, mount_factory, tmp_path):
+    m = mount_factory(nbia_archive.url, name="zip")
+    series = big(nbia_archive)
+    folder = m.path(series_path(series))
+    os.listdir(folder)
+    nbia_archive.reset_counters()
+    subprocess.run(["cp", "-r", str(folder), str(tmp_path / "copy")], check=True)
+    assert md5s(tmp_path / "copy") == truth(series)
+    counts = nbia_archive.counters()["endpoints"]
+    assert counts["getImage"] == 1
+    assert counts.get("getSingleImage", 0) <= 2  # the first two opens; the zip brings the rest
+
+
+@pytest.mark.parametrize("fault", [{"zip_drop_entries": 3}, {"zip_truncate": True},
+                                   {"image_error_rate": 0.0, "stall": ""}])
+def test_a_zip_cut_short_is_completed_one_by_one(nbia_archive, mount_factory, tmp_path, fault):
+    m = mount_factory(nbia_archive.url, name="cut")
+    series = big(nbia_archive)
+    folder = m.path(series_path(series))
+    os.listdir(folder)
+    nbia_archive.set_faults(**fault)
+    nbia_archive.reset_counters()
+    subprocess.run(["cp", "-r", str(folder), str(tmp_path / "copy")], check=True)
+    assert md5s(tmp_path / "copy") == truth(series)
+    counts = nbia_archive.counters()["endpoints"]
+    assert counts["getImage"] == 1
+    if fault.get("zip_drop_entries"):
+        assert counts["getSingleImage"] >= 3
+
+
+def test_small_series_prefetched_at_first_open_without_zip(nbia_archive, mount_factory):
+    m = mount_factory(nbia_archive.url, name="small")
+    series = big(nbia_archive)
+    folder = m.path(series_path(series))
+    first = sorted(os.listdir(folder))[0]
+    nbia_archive.reset_counters()
+    (folder / first).read_bytes()
+    # 12 instances > small_series (8): nothing more until a second distinct open.
+    time.sleep(0.5)
+    assert nbia_archive.counters()["endpoints"] == {"getSingleImage": 1}
+    localizer = next(s for s in public_series(nbia_archive) if len(s.instances) == 1)
+    (m.path(series_path(localizer)) / f"{localizer.instances[0].sop_uid}.dcm").read_bytes()
+
+
+def test_prefetch_stops_when_readers_leave(nbia_archive_factory, tmp_path):
+    """Unit level, with the real client and cache: an idle series' zip is abandoned."""
+    nbia_archive = nbia_archive_factory(parse_spec("1x1x1x1x30@128", noise_hu=20.0))
+    series = big(nbia_archive)
+    sops = sorted(i.sop_uid for i in series.instances)
+    now = [0.0]
+    cache = InstanceCache(tmp_path / "cache", 1 << 30)
+    client = NbiaClient(ClientConfig(root_url=nbia_archive.url, api="v1"))
+    stored = []
+    prefetcher = Prefetcher(cache, client, PrefetchConfig(idle_stop_s=5.0), clock=lambda: now[0],
+                            on_stored=lambda *a: stored.append(a))
+    prefetcher.start()
+    nbia_archive.set_faults(connection_mbit_s=0.2)  # the zip trickles in: 25 kB/s, an entry in 0.6 s
+    try:
+        prefetcher.opened(series.uid, sops[0], sops, series.total_size)
+        prefetcher.opened(series.uid, sops[1], sops, series.total_size)
+        deadline = time.monotonic() + 20
+        while not stored and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stored, "the zip delivered nothing"
+        now[0] = 100.0  # readers left long ago
+        time.sleep(1.5)
+        count = len(stored)
+        time.sleep(1.5)
+        assert len(stored) == count < len(sops) - 2
+        assert not any(cache.in_flight(key_of(series.uid, s)) for s in sops)  # claims released
+    finally:
+        nbia_archive.clear_faults()
+        prefetcher.stop()
+        client.close()
+        cache.close()
+
+
+def test_walk_of_a_collection_costs_a_handful_of_requests(nbia_archive, mount_factory):
+    m = mount_factory(nbia_archive.url, name="walk")
+    nbia_archive.reset_counters()
+    out = subprocess.run(["find", str(m.path("Phantom-Body-MR")), "-maxdepth", "3"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.count("\n") > 10
+    counts = nbia_archive.counters()
+    assert counts["total"] <= 5, counts  # patients, studies and series of the collection: one each
+    nbia_archive.reset_counters()
+    ls = subprocess.run(["ls", "-lR", str(m.path("Phantom-Body-MR"))], capture_output=True, text=True)
+    assert ls.returncode == 0
+    counts = nbia_archive.counters()["endpoints"]
+    assert set(counts) <= {"getSOPInstanceUIDs", "getCollectionValues"}, counts
+    assert "getSeriesSize" not in counts  # sizes from getSeries' FileSize
+    nbia_archive.reset_counters()
+    again = subprocess.run(["ls", "-lR", str(m.path("Phantom-Body-MR"))], capture_output=True, text=True)
+    assert again.stdout == ls.stdout and nbia_archive.counters()["total"] == 0
+
+
+def nbiafs(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "nbiafs", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def test_prefetch_command_warms_resumes_and_reports(nbia_archive, mount_factory):
+    m = mount_factory(nbia_archive.url, name="warm")
+    patient = m.path("Phantom-Thorax-CT", "PTC-002")
+    res = nbiafs("prefetch", str(patient))
+    assert res.returncode == 0, res.stderr
+    assert "prefetched 24 files" in res.stderr and "0 failed" in res.stderr and "MB/s" in res.stderr
+    files = [p for p in patient.rglob("*.dcm")]
+    assert len(files) == 24 and all(os.getxattr(p, "user.nbiafs.cached") == b"yes" for p in files)
+    nbia_archive.reset_counters()
+    again = nbiafs("prefetch", str(patient))
+    assert again.returncode == 0 and "prefetched 0 files" in again.stderr and "24 already cached" in again.stderr
+    assert nbia_archive.counters()["endpoints"].get("getSingleImage", 0) == 0
+
+
+def test_prefetch_command_failures_are_one_line_and_non_zero(nbia_archive, mount_factory):
+    m = mount_factory(nbia_archive.url, name="fail", extra=("--timeout", "2"))
+    patient = m.path("Phantom-Body-MR", "PBM-001")
+    list(patient.rglob("*.dcm"))
+    nbia_archive.set_faults(image_outage=True)
+    res = nbiafs("prefetch", str(patient))
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("nbiafs: 24 of 24 files could not be fetched") and "Input/output error" in last
+    with tempfile.TemporaryDirectory() as elsewhere:
+        res = nbiafs("prefetch", elsewhere)
+    assert res.returncode == 1 and "not on an nbiafs mount" in res.stderr
