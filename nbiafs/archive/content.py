@@ -39,7 +39,7 @@ def load_synthetic(spec: ArchiveSpec | str, data_root: Path | None = None) -> Ar
         spec = parse_spec(spec)
     root = Path(data_root or default_data_root()) / spec.key()
     tree = generate(spec, root)
-    return ArchiveIndex(tree, root)
+    return ArchiveIndex(tree, root, root / "deflate")
 
 
 def _date(value) -> str | None:

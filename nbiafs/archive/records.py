@@ -79,8 +79,9 @@ class Series:
 class ArchiveIndex:
     """Read-only lookups over a generated (or scanned) archive. Thread-safe: never mutated."""
 
-    def __init__(self, tree: dict, files_root: Path):
+    def __init__(self, tree: dict, files_root: Path, deflate_dir: Path | None = None):
         self.files_root = Path(files_root)
+        self.deflate_dir = deflate_dir  # compressed forms for zips; None: a temporary one
         self.collections: list[dict] = tree["collections"]
         self.carts: dict[str, list[str]] = tree.get("carts", {})
         self.series_by_uid: dict[str, Series] = {}

@@ -24,11 +24,13 @@ import io
 import json
 import logging
 import random
+import shutil
+import tempfile
 import threading
 import time
-import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape as xml_escape
@@ -37,6 +39,7 @@ from nbiafs.archive import endpoints
 from nbiafs.archive.faults import IMAGE_ENDPOINTS, Faults, Throttle, pace
 from nbiafs.archive.records import ArchiveIndex, Series
 from nbiafs.archive.tokens import InvalidGrant, TokenStore
+from nbiafs.archive.zipwriter import DeflateStore, ZipStreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class LocalArchive:
         self._by_token: Counter = Counter()
         self._total_link: Throttle | None = None
         self._stopping = threading.Event()
+        self._own_deflate_dir = index.deflate_dir is None
+        self.deflated = DeflateStore(index.deflate_dir or Path(tempfile.mkdtemp(prefix="nbiafs-deflate-")))
         self._httpd = _Server((host, port), _Handler)
         self._httpd.archive = self
         self._thread: threading.Thread | None = None
@@ -96,6 +101,8 @@ class LocalArchive:
         self._httpd.server_close()
         if self._thread:
             self._thread.join(timeout=5)
+        if self._own_deflate_dir:
+            shutil.rmtree(self.deflated.directory, ignore_errors=True)
 
     def __enter__(self) -> "LocalArchive":
         return self.start()
@@ -391,27 +398,23 @@ class _Handler(BaseHTTPRequestHandler):
         sink = _ChunkedWriter(self, link)
         with_md5 = endpoint == "getImageWithMD5Hash"
         new_names = params.get("NewFileNames", "").lower() == "yes" and not with_md5
-        zf = zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED)
+        writer = ZipStreamWriter(sink.write)
         if not with_md5:
-            zf.writestr("LICENSE", license_text(series.collection))
+            writer.add_bytes("LICENSE", license_text(series.collection).encode())
         instances = series_zip_order(series, new_names)
         if faults.zip_drop_entries:
             instances = instances[: max(0, len(instances) - faults.zip_drop_entries)]
         hashes = []
         for name, inst in instances:
-            with open(inst.path, "rb") as src, zf.open(name, "w") as dst:
-                while block := src.read(CHUNK):
-                    dst.write(block)
+            deflated, meta = self.archive.deflated.get(deflate_name(series.uid, inst.sop_uid), inst.path)
+            writer.add_deflated(name, deflated, meta)
             hashes.append((name, inst.md5))
         if with_md5:
             rows = "".join(f"{n},{h}\n" for n, h in sorted(hashes, key=lambda r: r[1]))
-            zf.writestr("md5hashes.csv", "Filename,MD5Hash\n" + rows)
-        if faults.zip_truncate:
-            zf.fp = None  # end the stream before the central directory
-        else:
-            zf.close()
+            writer.add_bytes("md5hashes.csv", ("Filename,MD5Hash\n" + rows).encode())
+        if not faults.zip_truncate:  # truncated: the stream ends before the central directory
+            writer.finish()
         sink.finish()
-
 
     # --------------------------------------------------------------- test control
     def _admin(self, what: str):
@@ -467,6 +470,10 @@ class _ChunkedWriter(io.RawIOBase):
     def finish(self):
         self._flush_chunk()
         self.handler.wfile.write(b"0\r\n\r\n")
+
+
+def deflate_name(series_uid: str, sop_uid: str) -> str:
+    return hashlib.md5(f"{series_uid}/{sop_uid}".encode()).hexdigest()
 
 
 def license_text(collection: dict) -> str:

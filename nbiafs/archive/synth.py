@@ -29,6 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from nbiafs import __version__
 from nbiafs.archive import phantom
 from nbiafs.archive.spec import ArchiveSpec
+from nbiafs.archive.zipwriter import DeflateStore
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,26 @@ def generate(spec: ArchiveSpec, root: Path) -> dict:
             for study in patient["studies"]:
                 for series in study["series"]:
                     _write_series(spec, tmp, coll, patient, study, series)
+    _deflate_all(tmp, index)
     (tmp / INDEX_NAME).write_text(json.dumps(index))
     try:
         os.rename(tmp, root)
     except OSError:  # another process generated it first
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(index_path.read_text())
+
+
+def _deflate_all(root: Path, index: dict) -> None:
+    """Compress every file once for the zips (see zipwriter.py)."""
+    from nbiafs.archive.server import deflate_name
+    store = DeflateStore(root / "deflate")
+    for coll in index["collections"]:
+        for patient in coll["patients"]:
+            for study in patient["studies"]:
+                for series in study["series"]:
+                    for inst in series["instances"]:
+                        store.get(deflate_name(series["SeriesInstanceUID"], inst["SOPInstanceUID"]),
+                                  root / inst["file"])
 
 
 def _write_series(spec, root, coll, patient, study, series):

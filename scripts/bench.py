@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""nbiafs against the way TCIA users download today, side by side, in one run.
+
+Starts the local archive (`nbiafs serve --spec bench`: 50 patients, and a CT
+series of 300 noisy 512x512 instances of about 0.5 MB that zips to 35-45 %) in
+its own process, and for two network profiles, latency-bound (100 ms per
+request, 1 Gbit/s) and bandwidth-bound (20 ms, 100 Mbit/s), measures:
+
+ (a) a cold `cp -r` of the series from a fresh mount (its parents listed), the
+     bulk download (getImage zip + extract, as tcia-utils does), a loop of
+     getSingleImage calls one after another, one metadata round trip;
+ (b) time to the first byte of one uncached instance through the mount vs one
+     getSingleImage request;
+ (c) dcm2niix on the mounted series, cold, vs bulk download + dcm2niix locally;
+ (d) warm reads: re-read through the mount (page cache), first read from the
+     disk cache (page cache dropped), and the same files on local disk;
+ (e) `ls -lR` and `find` of the 50-patient collection, cold and warm;
+and once, without shaping:
+ (f) the daemon's peak RSS and the cache size after reading 2 GB through a
+     500 MB cache with 10,000 series listed (`--spec scale`).
+
+Absolute times drift on shared machines: read the ratios. Usage:
+
+    .venv/bin/python scripts/bench.py [--skip-scale] [--profiles latency,bandwidth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nbiafs import naming  # noqa: E402
+from nbiafs.api.client import ClientConfig, NbiaClient  # noqa: E402
+from nbiafs.archive.content import load_synthetic  # noqa: E402
+from nbiafs.testing import MountedArchive  # noqa: E402
+
+PROFILES = {"latency": {"latency_s": 0.100, "total_mbit_s": 1000.0},
+            "bandwidth": {"latency_s": 0.020, "total_mbit_s": 100.0}}
+TARGETS = """targets: (a) cold cp -r <= 1.1x (zip + extract + round trip), and >= 5x faster than the loop
+         when latency-bound; (b) first byte <= 1.2x one request; (c) <= 1.1x zip + dcm2niix;
+         (d) page cache >= 50 % of local disk, disk cache >= 800 files/s; (e) warm walk 0 requests,
+         cold walk to series level a handful; (f) RSS <= 200 MB, cache <= its limit"""
+
+
+class Server:
+    """`nbiafs serve` in its own process, controlled over its /_nbiafs/ endpoints."""
+
+    def __init__(self, spec: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "serve", "--spec", spec, "--port", "0"],
+                                     stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url:
+            raise SystemExit("the local archive did not start")
+        self.admin = self.url.replace("/nbia-api", "/_nbiafs")
+
+    def _post(self, what: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(f"{self.admin}/{what}", data=json.dumps(body or {}).encode(), method="POST")
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read() or b"{}")
+
+    def shape(self, **faults) -> None:
+        self._post("faults", {"clear": True, **faults})
+
+    def reset(self) -> None:
+        self._post("counters/reset")
+
+    def requests(self) -> int:
+        with urllib.request.urlopen(f"{self.admin}/counters") as r:
+            return json.loads(r.read())["total"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def timed(fn, label: str | None = None):
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    if label:
+        print(f"  {label}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+def quiet(*cmd, **kw):
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_all(files) -> float:
+    """Seconds to read every file whole, one after another."""
+    def go():
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+    return timed(go)
+
+
+def rel_path(series) -> str:
+    return "/".join(naming.escape(p) for p in (series.collection["Collection"], series.patient["PatientID"],
+                                               series.study["StudyInstanceUID"], series.uid))
+
+
+def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
+    r = {}
+    server.shape(**PROFILES[name])
+    rel = rel_path(big)
+    sops = sorted(i.sop_uid for i in big.instances)
+    client = NbiaClient(ClientConfig(root_url=server.url, api="v1", pool_size=16))
+    try:
+        # (a) and (d): a fresh mount, parents listed; then a cold cp -r of the series.
+        m = MountedArchive(server.url, work / f"{name}-mnt", work / f"{name}-cache", work / f"{name}.log")
+        try:
+            os.listdir(m.path(rel).parent)
+            server.reset()
+            r["cp_cold"] = timed(lambda: quiet("cp", "-r", str(m.path(rel)), str(work / f"{name}-cp")), "cp -r cold")
+            r["cp_cold_requests"] = server.requests()
+            files = sorted(m.path(rel).iterdir())
+            r["dropped"] = drop_page_cache()
+            r["disk_cache"] = read_all(files)
+            r["page_cache"] = read_all(files)
+            local = sorted((work / f"{name}-cp").iterdir())
+            read_all(local)
+            r["local"] = read_all(local)
+            r["files"] = len(files)
+            # (b): one uncached instance of another series through the mount.
+            small_rel = rel_path(small)
+            os.listdir(m.path(small_rel))
+            target = m.path(small_rel, naming.instance_file_name(sorted(i.sop_uid for i in small.instances)[0]))
+
+            def first_byte():
+                with open(target, "rb") as fh:
+                    fh.read(1)
+            r["ttfb_mount"] = timed(first_byte, "first byte")
+            other = sorted(i.sop_uid for i in small.instances)[1]
+            r["ttfb_request"] = timed(lambda: client.get_single_image_bytes(small.uid, other))
+        finally:
+            m.stop()
+        # (a) the bulk download as tcia-utils does it, the loop, one round trip.
+        bulk_dir = work / f"{name}-bulk"
+
+        def bulk():
+            zip_path = work / f"{name}.zip"
+            client.download_series_zip(big.uid, zip_path, new_file_names=True)
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(bulk_dir)
+        r["bulk"] = timed(bulk, "zip + extract")
+        r["zip_ratio"] = (work / f"{name}.zip").stat().st_size / big.total_size
+        r["rtt"] = min(timed(lambda: client.get_series_size(big.uid)) for _ in range(3))
+        r["loop"] = timed(lambda: [client.get_single_image_bytes(big.uid, s) for s in sops], "loop")
+        # (c) dcm2niix: cold on a fresh mount vs bulk + dcm2niix on the local copy.
+        if dcm2niix:
+            m = MountedArchive(server.url, work / f"{name}-mnt2", work / f"{name}-cache2", work / f"{name}-2.log")
+            try:
+                os.listdir(m.path(rel).parent)
+                out = work / f"{name}-nii-mount"
+                out.mkdir()
+                r["dcm2niix_mount"] = timed(lambda: quiet(dcm2niix, "-z", "n", "-o", str(out), str(m.path(rel))),
+                                            "dcm2niix on the mount")
+            finally:
+                m.stop()
+            out = work / f"{name}-nii-local"
+            out.mkdir()
+            shutil.rmtree(bulk_dir)
+            r["dcm2niix_local"] = timed(lambda: (bulk(), quiet(dcm2niix, "-z", "n", "-o", str(out), str(bulk_dir))))
+        # (e) the walk of the 50-patient collection.
+        m = MountedArchive(server.url, work / f"{name}-mnt3", work / f"{name}-cache3", work / f"{name}-3.log")
+        try:
+            coll = str(m.path(naming.escape(big.collection["Collection"])))
+            for tool, cmd in (("find", ["find", coll, "-maxdepth", "3"]), ("ls -lR", ["ls", "-lR", coll])):
+                for state in ("cold", "warm"):
+                    server.reset()
+                    r[f"{tool} {state}"] = (timed(lambda: quiet(*cmd), f"{tool} {state}"), server.requests())
+        finally:
+            m.stop()
+    finally:
+        client.close()
+    return r
+
+
+def scale_run(work: Path) -> dict:
+    """(f): list 10,000 series, read 2.4 GB through a 500 MB cache; peak RSS and cache size."""
+    index = load_synthetic("scale")
+    server = Server("scale")
+    try:
+        m = MountedArchive(server.url, work / "scale-mnt", work / "scale-cache", work / "scale.log",
+                           "--cache-size", "500M")
+        try:
+            coll = m.path(naming.escape(index.collections[0]["Collection"]))
+            listed = subprocess.run(["find", str(coll), "-mindepth", "3", "-maxdepth", "3", "-type", "d"],
+                                    capture_output=True, text=True, check=True).stdout.count("\n")
+            bigs = sorted((s for s in index.iter_series(None) if len(s.instances) > 100), key=lambda s: s.uid)
+            read = 0
+            start = time.perf_counter()
+            while read < 2 * 1024 ** 3:
+                for series in bigs:
+                    files = sorted(m.path(rel_path(series)).iterdir())
+                    read_all(files)
+                    read += series.total_size
+            seconds = time.perf_counter() - start
+            status = Path(f"/proc/{m.proc.pid}/status").read_text()
+            hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+            blobs = sum(p.stat().st_size for p in (work / "scale-cache").rglob("*") if p.is_file()
+                        and "blobs" in p.parts and not p.name.startswith("cache.db"))
+        finally:
+            m.stop()
+    finally:
+        server.stop()
+    return {"series_listed": listed, "read_gb": read / 1024 ** 3, "seconds": seconds,
+            "rss_mb": hwm / 1024, "cache_mb": blobs / 1024 ** 2}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="nbiafs benchmarks; see the module docstring")
+    ap.add_argument("--profiles", default="latency,bandwidth")
+    ap.add_argument("--skip-scale", action="store_true", help="skip (f), which generates 600 MB once")
+    args = ap.parse_args()
+    names = [p for p in args.profiles.split(",") if p]
+    print("preparing the bench archive (generated once)...", file=sys.stderr, flush=True)
+    index = load_synthetic("bench")
+    big = max(index.iter_series(None), key=lambda s: len(s.instances))
+    small = next(s for s in index.iter_series(None) if s.uid != big.uid)
+    dcm2niix = shutil.which("dcm2niix")
+    results = {}
+    server = Server("bench")
+    try:
+        for name in names:
+            with tempfile.TemporaryDirectory(prefix=f"nbiafs-bench-{name}-") as work:
+                print(f"profile {name}...", file=sys.stderr, flush=True)
+                results[name] = profile_run(name, server, index, big, small, Path(work), dcm2niix)
+    finally:
+        server.stop()
+    scale = None
+    if not args.skip_scale:
+        with tempfile.TemporaryDirectory(prefix="nbiafs-bench-scale-") as work:
+            print("scale run (f)...", file=sys.stderr, flush=True)
+            scale = scale_run(Path(work))
+    report(results, names, big, scale)
+    return 0
+
+
+def report(results, names, big, scale) -> None:
+    col = 22
+    mb = big.total_size / 1e6
+    print(f"\nseries: {len(big.instances)} instances, {mb:.0f} MB "
+          f"(zip {results[names[0]]['zip_ratio']:.0%} of raw)")
+    print(f"{'':44}" + "".join(f"{n + '-bound':>{col}}" for n in names))
+    print(f"{'':44}" + "".join(f"{('%g ms, %g Mbit/s' % (PROFILES[n]['latency_s'] * 1000, PROFILES[n]['total_mbit_s'])):>{col}}" for n in names))
+
+    def row(label, fn):
+        print(f"{label:44}" + "".join(f"{fn(results[n]):>{col}}" for n in names))
+    row("(a) cp -r from the mount, cold  s", lambda r: f"{r['cp_cold']:.2f}")
+    row("    requests it made", lambda r: f"{r['cp_cold_requests']}")
+    row("    getImage zip + extract  s", lambda r: f"{r['bulk']:.2f}")
+    row("    one metadata round trip  s", lambda r: f"{r['rtt']:.3f}")
+    row("    getSingleImage loop  s", lambda r: f"{r['loop']:.2f}")
+    row("    mount / (zip + round trip)", lambda r: f"{r['cp_cold'] / (r['bulk'] + r['rtt']):.2f}x")
+    row("    loop / mount", lambda r: f"{r['loop'] / r['cp_cold']:.1f}x faster")
+    row("(b) first byte through the mount  s", lambda r: f"{r['ttfb_mount']:.3f}")
+    row("    one getSingleImage request  s", lambda r: f"{r['ttfb_request']:.3f}")
+    row("    mount / request", lambda r: f"{r['ttfb_mount'] / r['ttfb_request']:.2f}x")
+    if "dcm2niix_mount" in results[names[0]]:
+        row("(c) dcm2niix on the mount, cold  s", lambda r: f"{r['dcm2niix_mount']:.2f}")
+        row("    zip + extract + dcm2niix  s", lambda r: f"{r['dcm2niix_local']:.2f}")
+        row("    mount / local", lambda r: f"{r['dcm2niix_mount'] / r['dcm2niix_local']:.2f}x")
+    row("(d) re-read via page cache  files/s", lambda r: f"{r['files'] / r['page_cache']:.0f}")
+    row("    first read, disk cache  files/s", lambda r: f"{r['files'] / r['disk_cache']:.0f}"
+        + ("" if r["dropped"] else " (pages not dropped)"))
+    row("    local disk (page cache)  files/s", lambda r: f"{r['files'] / r['local']:.0f}")
+    row("    page cache / local disk", lambda r: f"{r['local'] / r['page_cache']:.0%}")
+    for key in ("find cold", "find warm", "ls -lR cold", "ls -lR warm"):
+        row(f"(e) {key} of 50 patients  s (requests)", lambda r, k=key: f"{r[k][0]:.2f} ({r[k][1]})")
+    if scale:
+        print(f"(f) {scale['series_listed']} series listed; read {scale['read_gb']:.2f} GB through a 500 MB "
+              f"cache in {scale['seconds']:.0f} s: daemon peak RSS {scale['rss_mb']:.0f} MB, "
+              f"cache {scale['cache_mb']:.0f} MB")
+    print(TARGETS)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
