@@ -119,13 +119,15 @@ class NbiaFilesystem:
 
     def open_instance(self, node: Node) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
-        if self.prefetcher is not None:
-            self.prefetcher.opened(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
-                                   self.catalog.series_total(node) or 0)
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
         self.catalog.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size)
+        if self.prefetcher is not None:
+            # Told after this instance is here, so its download never shares the link with
+            # the rest of its series: the file being opened comes first.
+            self.prefetcher.opened(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
+                                   self.catalog.series_total(node) or 0)
         return handle
 
     def read(self, fh: int, size: int, offset: int) -> bytes:

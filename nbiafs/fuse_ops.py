@@ -108,17 +108,9 @@ class FuseOperations(Operations):
         self.fs.access(path, amode)
         return 0
 
-    def opendir(self, path):
-        return 0
-
-    def releasedir(self, path, fh):
-        return 0
-
-    def flush(self, path, fi):
-        return 0
-
-    def fsync(self, path, datasync, fi):
-        return 0
+    # Not implemented on purpose, so the kernel stops asking after the first ENOSYS and a
+    # close or a directory listing costs no extra call into Python.
+    opendir = releasedir = flush = fsync = fsyncdir = None
 
     chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
     setxattr = removexattr = symlink = truncate = unlink = utimens = write = _read_only

@@ -56,12 +56,19 @@ class Throttle:
         self._free_at = 0.0
 
     def reserve(self, nbytes: int) -> float:
-        """Reserve the link for `nbytes`; return the monotonic time the transfer ends."""
+        """Reserve the link for `nbytes`; return the monotonic time the transfer ends.
+
+        A sender that fell behind the link (Python overhead, short sleeps oversleeping) may
+        catch up by up to BURST_S, so the long-run rate is the cap, not less."""
         now = time.monotonic()
         with self._lock:
-            start = max(now, self._free_at)
+            start = max(now - BURST_S, self._free_at)
             self._free_at = start + nbytes / self.rate
             return self._free_at
+
+
+BURST_S = 0.05      # how far behind its link a sender may catch up
+MIN_SLEEP_S = 0.002  # shorter waits are not worth a sleep (it would oversleep)
 
 
 def pace(throttles: list[Throttle], nbytes: int) -> None:
@@ -70,5 +77,5 @@ def pace(throttles: list[Throttle], nbytes: int) -> None:
         return
     end = max(t.reserve(nbytes) for t in throttles)
     delay = end - time.monotonic()
-    if delay > 0:
+    if delay > MIN_SLEEP_S:
         time.sleep(delay)
