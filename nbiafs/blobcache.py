@@ -15,6 +15,7 @@ handle is a real file: reads are `os.pread` on its descriptor, and eviction
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -29,6 +30,25 @@ import diskcache
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0  # how often reads are told to diskcache's LRU order
+
+
+class _Adopt:
+    """A complete, verified file to be moved into the cache rather than copied."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+
+class _AdoptingDisk(diskcache.Disk):
+    """diskcache's Disk, which can also take a file by renaming it into place (no copy)."""
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if isinstance(value, _Adopt):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.rename(value.path, full_path)
+            return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key)
 
 
 class _Flight:
@@ -50,7 +70,7 @@ class InstanceCache:
         self._tmp.mkdir(parents=True, mode=0o700)
         self._cache = diskcache.Cache(str(self.directory / "blobs"), size_limit=max_bytes,
                                       eviction_policy="least-recently-used",
-                                      disk_min_file_size=0, cull_limit=64)
+                                      disk_min_file_size=0, cull_limit=64, disk=_AdoptingDisk)
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         # The hot path: where each recently opened instance's file is, so a cached open is
@@ -62,10 +82,6 @@ class InstanceCache:
         self._toucher: threading.Thread | None = None
         self.downloads = 0
         self.hits = 0
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self._tmp
 
     def start(self) -> None:
         self._toucher = threading.Thread(target=self._touch_loop, name="nbia-cache-lru", daemon=True)
@@ -119,7 +135,7 @@ class InstanceCache:
                 handle = self._get(key)
                 if handle is not None:
                     return handle, False
-                with tempfile.TemporaryFile(dir=self._tmp) as tmp:
+                with self.partial_file() as tmp:
                     fetch(tmp)
                     self._store(key, tmp)
                 self.downloads += 1
@@ -148,7 +164,7 @@ class InstanceCache:
         return claimed
 
     def deliver(self, key: str, src: BinaryIO) -> None:
-        """Store a verified instance of a claimed key and wake its waiters."""
+        """Store a verified instance of a claimed key (a `partial_file`) and wake its waiters."""
         with self._lock:
             flight = self._flights.get(key)
         try:
@@ -175,9 +191,20 @@ class InstanceCache:
                 del self._flights[key]
         flight.done.set()
 
+    @contextlib.contextmanager
+    def partial_file(self):
+        """A private temporary file beside the cache: what `_store` can adopt without a copy."""
+        f = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
+        try:
+            yield f
+        finally:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f.name)  # unless the cache adopted it
+
     def _store(self, key: str, src: BinaryIO) -> None:
-        src.seek(0)
-        self._cache.set(key, src, read=True)
+        src.flush()
+        self._cache.set(key, _Adopt(src.name))
         self._get(key).close()  # learn where it is now, so the reader's open skips the index
 
     # ------------------------------------------------------------------ lookups

@@ -72,6 +72,8 @@ def _add_client_options(p) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/nbiafs")
     p.add_argument("--cache-size", default="20G", metavar="SIZE",
                    help="instance cache limit, e.g. 500M, 20G (default: 20G)")
+    p.add_argument("--insecure", action="store_true",
+                   help="do not verify the archive's TLS certificate (prints a warning)")
     p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                    help="longest a call may wait on the archive, retries included, before it fails "
                         "with EIO (default: 60 for listings, 120 for a file)")
@@ -158,6 +160,10 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
     if cache_dir or args.cache_dir:
         cache = replace(cache, root=Path(cache_dir or args.cache_dir).expanduser().absolute())
     client = ClientConfig(root_url=root, api=args.api)
+    if getattr(args, "insecure", False):
+        print(f"nbiafs: warning: TLS certificates of {root} are NOT verified (--insecure); "
+              "anyone on the network path can read or alter what the mount serves", file=sys.stderr)
+        client = replace(client, verify_tls=False)
     if getattr(args, "timeout", None):
         client = replace(client, metadata_budget_s=args.timeout, image_budget_s=args.timeout)
     return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),

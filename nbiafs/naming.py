@@ -7,18 +7,37 @@ The rule (docs/SEMANTICS.md, "Names"):
 - the whole names `.` and `..` become `%2E` and `%2E%2E`;
 - the empty name becomes `%` (a lone `%` never arises otherwise).
 Everything else, spaces and case included, is kept as it is, so ordinary IDs
-read the same on disk as in the archive. `unescape(escape(x)) == x` for all x.
+read the same on disk as in the archive. `unescape(escape(x)) == x` for every
+name of at most 255 bytes once escaped (NAME_MAX). A longer one is cut to 200
+bytes (at a character boundary) followed by `~` and 16 hex digits of the
+SHA-256 of the whole value: unique, stable, and the full value stays in the
+entry's extended attributes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 _ESCAPE = {"%": "%25", "/": "%2F", "\0": "%00"}
 _HEX = re.compile(r"%([0-9A-F]{2})")
 
 
-def escape(value: str) -> str:
+NAME_MAX = 255
+LONG_NAME_KEEP = 200
+
+
+def escape(value: str, max_bytes: int = NAME_MAX) -> str:
+    name = _escape(value)
+    encoded = name.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return name
+    head = encoded[:LONG_NAME_KEEP].decode("utf-8", "ignore")
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{head}~{digest}"
+
+
+def _escape(value: str) -> str:
     if value == "":
         return "%"
     if value in (".", ".."):
@@ -48,4 +67,4 @@ def unescape(name: str) -> str:
 
 
 def instance_file_name(sop_uid: str) -> str:
-    return escape(sop_uid) + ".dcm"
+    return escape(sop_uid, NAME_MAX - len(".dcm")) + ".dcm"

@@ -187,7 +187,7 @@ class Prefetcher:
         try:
             with self.client.open_series_zip(uid) as response:
                 chunks = response.iter_content(256 * 1024)
-                for name, entry in iter_entries(chunks, tmp_dir=self.cache.tmp_dir):
+                for name, entry in iter_entries(chunks, self.cache.partial_file):
                     if self._stop.is_set() or self._idle(state):
                         break
                     sop = sop_instance_uid(entry) if name.lower().endswith(".dcm") else None

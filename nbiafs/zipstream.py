@@ -61,11 +61,13 @@ class _Reader:
         self._buf[:0] = data
 
 
-def iter_entries(chunks: Iterator[bytes], tmp_dir=None) -> Iterator[tuple[str, BinaryIO]]:
+def iter_entries(chunks: Iterator[bytes], new_file=tempfile.TemporaryFile
+                 ) -> Iterator[tuple[str, BinaryIO]]:
     """Yield (name, file positioned at 0) for each complete, CRC-checked entry.
 
-    The caller owns each file only during the iteration step (it is closed after).
-    Raises TruncatedZip if the stream ends before the central directory.
+    Each entry is written into `new_file()` (a context manager giving a binary file);
+    the caller owns it only during the iteration step. Raises TruncatedZip if the
+    stream ends before the central directory.
     """
     reader = _Reader(iter(chunks))
     while True:
@@ -79,7 +81,7 @@ def iter_entries(chunks: Iterator[bytes], tmp_dir=None) -> Iterator[tuple[str, B
         name = reader.read_exact(name_len).decode("utf-8" if flags & 0x800 else "cp437")
         extra = reader.read_exact(extra_len)
         zip64 = any(v == 0xFFFFFFFF for v in (csize, usize)) or _has_zip64(extra)
-        with tempfile.TemporaryFile(dir=tmp_dir) as out:
+        with new_file() as out:
             actual_crc, actual_size = _copy_data(reader, out, method, flags, csize)
             if flags & 0x08:
                 crc, usize = _read_descriptor(reader, zip64)

@@ -21,6 +21,14 @@ def test_escape_gives_a_valid_component_and_reverses(value):
     assert naming.unescape(name) == value
 
 
+@pytest.mark.parametrize("value", ["a" * 300, "é" * 200, "/" * 100, "1.2." * 80])
+def test_long_names_are_cut_uniquely_and_stably(value):
+    name = naming.escape(value)
+    assert len(name.encode("utf-8")) <= 255 and "/" not in name
+    assert naming.escape(value) == name != naming.escape(value + "x")
+    assert len(naming.instance_file_name(value).encode("utf-8")) <= 255
+
+
 def test_escape_is_injective_and_keeps_ordinary_ids():
     names = [naming.escape(v) for v in AWKWARD]
     assert len(set(names)) == len(names)
