@@ -37,7 +37,7 @@ class CacheConfig:
     max_bytes: int = 20 * 1024 ** 3          # instance cache limit (20 GiB)
     listing_ttl_s: float = 3600.0            # listings are re-asked after this; served stale on outage
     negative_ttl_s: float = 5.0              # a missing name re-checks its parent at most this often (gcsfuse: 5 s)
-    memory_listings: int = 4096              # listings held in memory (cachetools LRU with TTL)
+    memory_records: int = 200_000            # listing records held in memory (cachetools LRU)
 
     def scope_dir(self, client: ClientConfig, user: str | None) -> Path:
         """One private subdirectory per archive and user: what one user's mount cached is

@@ -33,12 +33,20 @@ log = logging.getLogger(__name__)
 _FLIGHT_STRIPES = 64
 
 
+def _records(entry) -> int:
+    value = entry[1]
+    return 1 + (len(value) if isinstance(value, (list, dict)) else 0)
+
+
 class MetadataStore:
-    def __init__(self, directory, ttl_s: float, memory_entries: int = 4096, clock=time.time):
+    def __init__(self, directory, ttl_s: float, memory_records: int = 200_000, clock=time.time):
         self.ttl_s = ttl_s
         self._clock = clock
         self._disk = diskcache.Cache(str(directory), size_limit=2 ** 40, eviction_policy="none")
-        self._memory: cachetools.LRUCache = cachetools.LRUCache(maxsize=memory_entries)
+        # Bounded by records, not entries: one collection-wide listing of 10,000 series must
+        # not be pushed out (and unpickled again and again) by 10,000 one-line listings.
+        self._memory: cachetools.LRUCache = cachetools.LRUCache(maxsize=memory_records,
+                                                                getsizeof=_records)
         self._lock = threading.Lock()
         self._flights = [threading.RLock() for _ in range(_FLIGHT_STRIPES)]
 

@@ -58,11 +58,12 @@ class Throttle:
     def reserve(self, nbytes: int) -> float:
         """Reserve the link for `nbytes`; return the monotonic time the transfer ends.
 
-        A sender that fell behind the link (Python overhead, short sleeps oversleeping) may
-        catch up by up to BURST_S, so the long-run rate is the cap, not less."""
+        A sender that fell behind the link (Python overhead, short sleeps oversleeping) by
+        less than BURST_S catches up, so the long-run rate is the cap, not less; an idle
+        link gives no credit."""
         now = time.monotonic()
         with self._lock:
-            start = max(now - BURST_S, self._free_at)
+            start = now if self._free_at < now - BURST_S else self._free_at
             self._free_at = start + nbytes / self.rate
             return self._free_at
 
