@@ -143,10 +143,6 @@ class NbiaFilesystem:
         if handle is not None:
             handle.close()
 
-    def open_handles(self) -> int:
-        with self._handles_lock:
-            return len(self._handles)
-
     # ------------------------------------------------------------------ extended attributes
     def listxattr(self, path: str) -> list[str]:
         return list(self._xattrs(self.catalog.resolve(path)))

@@ -137,6 +137,11 @@ class Mount:
     def stop(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.stop()
+            if self._cache is not None:
+                stats = self.prefetcher.stats
+                log.info("unmounting: %d instances downloaded (%d from %d zips, %d prefetched one by one), "
+                         "%d opens served from the cache", self._cache.downloads, stats["zip_instances"],
+                         stats["zips"], stats["single_instances"], self._cache.hits)
         if self.fs is not None:
             self.fs.catalog.close()
         if self.fs is not None:

@@ -240,8 +240,3 @@ class TokenAuth(requests.auth.AuthBase):
             except requests.RequestException:
                 log.debug("logout failed; the token will expire by itself")
         self._token = None
-
-    def token_expires_in(self) -> float | None:
-        """Seconds until the current token expires (for status views), never the token."""
-        token = self._token
-        return None if token is None else token.expires_at - self._clock()
