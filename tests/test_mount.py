@@ -7,6 +7,8 @@ import hashlib
 import os
 import subprocess
 import tarfile
+import threading
+import time
 
 import pydicom
 import pytest
@@ -242,7 +244,6 @@ def test_remount_keeps_inode_numbers(mount_factory, nbia_archive_server):
 
 
 def test_concurrent_opens_of_one_instance_download_once(mount_factory, nbia_archive_server):
-    import threading
     m = mount_factory(nbia_archive_server.url, name="flight")
     series = big_series(nbia_archive_server)
     inst = series.instances[3]
@@ -291,3 +292,23 @@ def test_remount_while_the_archive_is_down_serves_what_was_cached(nbia_archive_f
     assert run("ls", "-lR", str(offline.mountpoint)).stdout.replace(str(offline.mountpoint), "") == listing
     assert offline.path(series_path(series), f"{inst.sop_uid}.dcm").read_bytes() == inst.path.read_bytes()
     assert "archive is unreachable" in offline.log()
+
+
+def test_outage_gives_eio_in_budget_and_recovers_without_remount(nbia_archive, mount_factory):
+    m = mount_factory(nbia_archive.url, name="outage", extra=("--timeout", "2"))
+    series = big_series(nbia_archive)
+    folder = m.path(series_path(series))
+    names = sorted(os.listdir(folder))
+    cached = folder / names[0]
+    assert cached.read_bytes()[128:132] == b"DICM"
+    nbia_archive.set_faults(image_outage=True)
+    start = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (folder / names[1]).read_bytes()
+    assert info.value.errno == errno.EIO and time.monotonic() - start < 6
+    assert cached.read_bytes()[128:132] == b"DICM"          # cached data keeps working
+    assert sorted(os.listdir(folder)) == names              # and cached listings
+    nbia_archive.clear_faults()
+    truth = next(i for i in series.instances if f"{i.sop_uid}.dcm" == names[1])
+    assert (folder / names[1]).read_bytes() == truth.path.read_bytes()
+    assert "archive unavailable" in m.log()
