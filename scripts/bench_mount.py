@@ -18,7 +18,6 @@ Absolute times drift on shared machines; read the ratios.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile

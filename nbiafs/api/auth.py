@@ -50,10 +50,6 @@ class Credentials:
 
     __str__ = __repr__
 
-    @property
-    def is_guest(self) -> bool:
-        return self.username == GUEST
-
 
 def resolve_credentials(user: str | None, root_url: str, interactive: bool | None = None,
                         environ=os.environ) -> Credentials:

@@ -28,7 +28,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -424,12 +424,3 @@ class NbiaClient:
                          integrity=True) from None
         dest.flush()
         return size
-
-
-def make_client(root_url: str = PRODUCTION_ROOT, api: str = "v2",
-                credentials: Credentials | None = None, **overrides) -> NbiaClient:
-    """A client for `root_url` (or a preset name: tcia, nlst)."""
-    config = replace(ClientConfig(), root_url=PRESETS.get(root_url, root_url), api=api, **overrides)
-    return NbiaClient(config, credentials)
-
-
