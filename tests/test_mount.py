@@ -312,3 +312,25 @@ def test_outage_gives_eio_in_budget_and_recovers_without_remount(nbia_archive, m
     truth = next(i for i in series.instances if f"{i.sop_uid}.dcm" == names[1])
     assert (folder / names[1]).read_bytes() == truth.path.read_bytes()
     assert "archive unavailable" in m.log()
+
+
+def test_kill_9_during_downloads_leaves_no_partial_instance(nbia_archive, mount_factory, tmp_path):
+    cache = tmp_path / "crash-cache"
+    first = mount_factory(nbia_archive.url, name="crash1", cache_dir=cache)
+    series = big_series(nbia_archive)
+    folder = first.path(series_path(series))
+    names = sorted(os.listdir(folder))
+    nbia_archive.set_faults(connection_mbit_s=0.05)  # a 10 kB file takes 1.6 s: caught mid-download
+    reader = subprocess.Popen(["cat", *(str(folder / n) for n in names)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    time.sleep(0.6)
+    first.proc.kill()
+    first.proc.wait(timeout=10)
+    reader.wait(timeout=30)
+    nbia_archive.clear_faults()
+    assert list(cache.rglob("*.part")), "the daemon died mid-download: a partial file is left"
+    subprocess.run(["fusermount", "-u", str(first.mountpoint)], check=True)
+    second = mount_factory(nbia_archive.url, name="crash2", cache_dir=cache)
+    assert list(cache.rglob("*.part")) == []  # removed at start, never served
+    folder = second.path(series_path(series))
+    assert {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in names} == archive_md5(series)
