@@ -30,6 +30,7 @@ import diskcache
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0  # how often reads are told to diskcache's LRU order
+MIN_FREE_FRACTION = 0.05  # keep 5 % of the disk free (the anchors keep 5-10 %)
 
 
 class _Adopt:
@@ -62,15 +63,17 @@ class _Flight:
 class InstanceCache:
     """Locking: `_lock` guards `_flights` (key -> the one download under way)."""
 
-    def __init__(self, directory: Path, max_bytes: int):
+    def __init__(self, directory: Path, max_bytes: int, min_free_bytes: int | None = None,
+                 disk_usage=shutil.disk_usage):
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self._disk_usage = disk_usage
         self._tmp = self.directory / "partial"
         shutil.rmtree(self._tmp, ignore_errors=True)  # leftovers of a crash: never served
         self._tmp.mkdir(parents=True, mode=0o700)
         self._cache = diskcache.Cache(str(self.directory / "blobs"), size_limit=max_bytes,
                                       eviction_policy="least-recently-used",
-                                      disk_min_file_size=0, cull_limit=64, disk=_AdoptingDisk)
+                                      disk_min_file_size=0, cull_limit=16, disk=_AdoptingDisk)
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         # The hot path: where each recently opened instance's file is, so a cached open is
@@ -82,6 +85,10 @@ class InstanceCache:
         self._toucher: threading.Thread | None = None
         self.downloads = 0
         self.hits = 0
+        if min_free_bytes is None:
+            min_free_bytes = int(disk_usage(self.directory).total * MIN_FREE_FRACTION)
+        self.min_free_bytes = min_free_bytes
+        self._limit = max_bytes  # the limit in force: lower than max_bytes when the disk is full
 
     def start(self) -> None:
         self._toucher = threading.Thread(target=self._touch_loop, name="nbia-cache-lru", daemon=True)
@@ -137,16 +144,19 @@ class InstanceCache:
                     return handle, False
                 with self.partial_file() as tmp:
                     fetch(tmp)
-                    self._store(key, tmp)
+                    # Opened before the cache adopts it: served even if evicted at once.
+                    handle = open(tmp.name, "rb")
+                    try:
+                        self._store(key, tmp)
+                    except BaseException:
+                        handle.close()
+                        raise
                 self.downloads += 1
             except BaseException as exc:
                 flight.error = exc
                 raise
             finally:
                 self._land(key, flight)
-            handle = self._get(key)
-            if handle is None:  # evicted at once: the limit is smaller than one instance
-                raise OSError(28, "instance larger than the whole cache")
             return handle, True
 
     # ------------------------------------------------------------------ bulk transfers
@@ -204,8 +214,27 @@ class InstanceCache:
 
     def _store(self, key: str, src: BinaryIO) -> None:
         src.flush()
+        limit = self._room_for(os.fstat(src.fileno()).st_size)
         self._cache.set(key, _Adopt(src.name))
-        self._get(key).close()  # learn where it is now, so the reader's open skips the index
+        if self._cache.volume() > limit:
+            self._cache.cull()  # evict least recently used entries down to the limit
+        stored = self._get(key)  # learn where it is now, so the reader's open skips the index
+        if stored is not None:
+            stored.close()
+
+    def _room_for(self, incoming: int) -> int:
+        """The cache limit that keeps `min_free_bytes` of the disk free once `incoming` (already
+        written beside the cache) is stored; never below `incoming`, so the file being opened is
+        still served on a full disk."""
+        free = self._disk_usage(self.directory).free
+        limit = min(self.max_bytes, max(incoming, self._cache.volume() + incoming + free - self.min_free_bytes))
+        if limit != self._limit:
+            if limit < self.max_bytes and self._limit == self.max_bytes:
+                log.warning("the disk is nearly full: the cache shrinks to %d MB to keep %d MB free",
+                            limit >> 20, self.min_free_bytes >> 20)
+            self._limit = limit
+            self._cache.reset("size_limit", limit)
+        return limit
 
     # ------------------------------------------------------------------ lookups
     def contains(self, key: str) -> bool:
