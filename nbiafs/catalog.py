@@ -110,28 +110,28 @@ class Catalog:
         return len(self.patients(collection)) <= COLLECTION_WIDE_MAX_PATIENTS
 
     def studies(self, collection: str, patient_id: str, max_age_s=None) -> list[dict]:
-        if self.collection_wide(collection):
-            key = f"studies\0{collection}"
-            rows = self.store.listing(
-                key, lambda: [s.raw for s in self.client.get_patient_studies(collection)], max_age_s)
-            return self._by_patient(key, rows).get(patient_id, [])
-
-        def fetch():
-            return [s.raw for s in self.client.get_patient_studies(collection, patient_id)
-                    if s.patient_id == patient_id]
-        return self.store.listing(f"studies\0{collection}\0{patient_id}", fetch, max_age_s)
+        return self._patient_listing("studies", collection, patient_id, max_age_s,
+                                     lambda pid: self.client.get_patient_studies(collection, pid))
 
     def patient_series(self, collection: str, patient_id: str, max_age_s=None) -> list[dict]:
-        if self.collection_wide(collection):
-            key = f"series\0{collection}"
-            rows = self.store.listing(
-                key, lambda: [s.raw for s in self.client.get_series(collection=collection)], max_age_s)
-            return self._by_patient(key, rows).get(patient_id, [])
+        return self._patient_listing("series", collection, patient_id, max_age_s,
+                                     lambda pid: self.client.get_series(collection=collection, patient_id=pid))
 
-        def fetch():
-            return [s.raw for s in self.client.get_series(collection=collection, patient_id=patient_id)
-                    if s.patient_id == patient_id]
-        return self.store.listing(f"series\0{collection}\0{patient_id}", fetch, max_age_s)
+    def _patient_key(self, what: str, collection: str, patient_id: str) -> str:
+        """Store key of a patient's studies or series: the collection's listing when it is asked
+        collection-wide, else the patient's own."""
+        if self.collection_wide(collection):
+            return f"{what}\0{collection}"
+        return f"{what}\0{collection}\0{patient_id}"
+
+    def _patient_listing(self, what: str, collection: str, patient_id: str, max_age_s, fetch) -> list[dict]:
+        """`fetch(patient_id)` asks for one patient's records, `fetch(None)` for the collection's."""
+        key = self._patient_key(what, collection, patient_id)
+        if self.collection_wide(collection):
+            rows = self.store.listing(key, lambda: [r.raw for r in fetch(None)], max_age_s)
+            return self._by_patient(key, rows).get(patient_id, [])
+        return self.store.listing(
+            key, lambda: [r.raw for r in fetch(patient_id) if r.patient_id == patient_id], max_age_s)
 
     def _by_patient(self, key: str, rows: list[dict]) -> dict[str, list[dict]]:
         def group(rows):
@@ -180,17 +180,17 @@ class Catalog:
                               for c in v]
         elif node.kind == COLLECTION:
             key, value = f"patients\0{node.collection}", self.patients(node.collection, max_age_s)
-            make = lambda v: self._named(node, PATIENT, v, models.as_str, "PatientId", "PatientID")  # noqa: E731
+            make = lambda v: self._named(node, PATIENT, v, "PatientId", "PatientID")  # noqa: E731
         elif node.kind == PATIENT:
             key = f"studies\0{node.collection}\0{node.patient_id}"
             value = self.studies(node.collection, node.patient_id, max_age_s)
-            make = lambda v: self._named(node, STUDY, v, models.as_str, "StudyInstanceUID")  # noqa: E731
+            make = lambda v: self._named(node, STUDY, v, "StudyInstanceUID")  # noqa: E731
         elif node.kind == STUDY:
             key = f"series\0{node.collection}\0{node.patient_id}"
             value = self.patient_series(node.collection, node.patient_id, max_age_s)
             make = lambda v: self._named(  # noqa: E731
                 node, SERIES, [s for s in v if s.get("StudyInstanceUID") == node.study_uid],
-                models.as_str, "SeriesInstanceUID")
+                "SeriesInstanceUID")
         elif node.kind == SERIES:
             key, value = f"instances\0{node.series_uid}", self.instances(node.series_uid, max_age_s)
             make = lambda v: [(naming.instance_file_name(sop), node.child(  # noqa: E731
@@ -203,11 +203,11 @@ class Catalog:
                               lambda v: dict(sorted(make(v))))
 
     @staticmethod
-    def _named(parent: Node, kind: str, records: list[dict], as_str: Callable, *id_keys) -> list:
+    def _named(parent: Node, kind: str, records: list[dict], *id_keys) -> list:
         id_field = {PATIENT: "patient_id", STUDY: "study_uid", SERIES: "series_uid"}[kind]
         out, seen = [], set()
         for record in records:
-            ident = next((as_str(record.get(k)) for k in id_keys if record.get(k) is not None), None)
+            ident = next((models.as_str(record.get(k)) for k in id_keys if record.get(k) is not None), None)
             if ident is None or ident in seen:
                 continue  # a record without its ID cannot be a path; a duplicate shows once
             seen.add(ident)
@@ -255,12 +255,15 @@ class Catalog:
         return node
 
     def _listing_age(self, node: Node) -> float | None:
-        wide = node.kind in (PATIENT, STUDY) and self.collection_wide(node.collection)
-        per = "" if wide else f"\0{node.patient_id}"
-        key = {ROOT: "collections", COLLECTION: f"patients\0{node.collection}",
-               PATIENT: f"studies\0{node.collection}{per}",
-               STUDY: f"series\0{node.collection}{per}",
-               SERIES: f"instances\0{node.series_uid}"}[node.kind]
+        if node.kind == ROOT:
+            key = "collections"
+        elif node.kind == COLLECTION:
+            key = f"patients\0{node.collection}"
+        elif node.kind == SERIES:
+            key = f"instances\0{node.series_uid}"
+        else:
+            key = self._patient_key("studies" if node.kind == PATIENT else "series",
+                                    node.collection, node.patient_id)
         return self.store.age_s(key)
 
     # ------------------------------------------------------------------ walks
@@ -285,8 +288,8 @@ class Catalog:
                 return
             self._walks[key] = [now, set()]
         if level == "series":
-            if self.collection_wide(node.collection):
-                rows = self.store.get(f"series\0{node.collection}", [])
+            if self.collection_wide(node.collection):  # every series of the collection is known
+                rows = self.store.get(self._patient_key("series", node.collection, node.patient_id), [])
             else:
                 rows = self.patient_series(node.collection, node.patient_id)
             jobs = [(self.instances, r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")]

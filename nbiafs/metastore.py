@@ -11,7 +11,7 @@ Facts that never change (the exact size of a fetched instance) use
 `put`/`get` and never expire.
 
 Locking: `_lock` guards `_memory` (cachetools caches are not thread-safe); a
-striped flight lock (re-entrant) serialises fetches and updates of one key. The diskcache
+striped flight lock (re-entrant) serialises fetches of one key. The diskcache
 store is safe across threads and processes by itself.
 """
 
@@ -111,10 +111,3 @@ class MetadataStore:
 
     def put(self, key: str, value) -> None:
         self._store(key, (self._clock(), value))
-
-    def update(self, key: str, change: Callable[[Any], Any], default=None):
-        """Atomically (within this process) replace the value of `key` with change(value)."""
-        with self._flight(key):
-            value = change(self.get(key, default))
-            self.put(key, value)
-            return value
