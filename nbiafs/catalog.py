@@ -100,10 +100,10 @@ class Catalog:
         return self.store.listing("collections", self.client.get_collection_values, max_age_s)
 
     def patients(self, collection: str, max_age_s=None) -> list[dict]:
-        def fetch():
-            return [p.raw for p in self.client.get_patients(collection)
-                    if p.collection in (None, collection) or p.collection.lower() == collection.lower()]
-        return self.store.listing(f"patients\0{collection}", fetch, max_age_s)
+        return self.store.listing(
+            f"patients\0{collection}",
+            lambda: [p.raw for p in in_collection(self.client.get_patients(collection), collection)],
+            max_age_s)
 
     def collection_wide(self, collection: str) -> bool:
         """Whether studies and series of this collection are asked for all patients at once."""
@@ -128,10 +128,13 @@ class Catalog:
         """`fetch(patient_id)` asks for one patient's records, `fetch(None)` for the collection's."""
         key = self._patient_key(what, collection, patient_id)
         if self.collection_wide(collection):
-            rows = self.store.listing(key, lambda: [r.raw for r in fetch(None)], max_age_s)
+            rows = self.store.listing(
+                key, lambda: [r.raw for r in in_collection(fetch(None), collection)], max_age_s)
             return self._by_patient(key, rows).get(patient_id, [])
+        # The archive matches PatientID case-insensitively: keep the patient's own rows.
         return self.store.listing(
-            key, lambda: [r.raw for r in fetch(patient_id) if r.patient_id == patient_id], max_age_s)
+            key, lambda: [r.raw for r in in_collection(fetch(patient_id), collection)
+                          if r.patient_id == patient_id], max_age_s)
 
     def _by_patient(self, key: str, rows: list[dict]) -> dict[str, list[dict]]:
         def group(rows):
@@ -388,6 +391,17 @@ class Catalog:
             if len(self._exact) > EXACT_SERIES_IN_MEMORY and not self._dirty:
                 self._exact.clear()
         self.store.put(f"exact\0{series_uid}", snapshot)
+
+
+def in_collection(records: list, collection: str) -> list:
+    """The records of exactly `collection`. The archive matches Collection case-insensitively,
+    so asking for "X" also returns the records of a collection "x"; a record without a
+    Collection is kept, and if no record spells the name exactly, the case-insensitive matches
+    are kept (an archive spelling the name differently from getCollectionValues)."""
+    exact = [r for r in records if r.collection in (None, collection)]
+    if exact:
+        return exact
+    return [r for r in records if r.collection.lower() == collection.lower()]
 
 
 def spread_sizes(sops: list[str], total: int, exact: dict[str, int]) -> dict[str, tuple[int, bool]]:

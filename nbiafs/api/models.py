@@ -9,8 +9,11 @@ Parsing accepts all of that, ignores unknown keys, and keeps the raw record
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 
 def as_int(value: Any) -> int | None:
@@ -137,12 +140,17 @@ class SeriesMetadata:
 
 def parse_rows(rows: list, parse) -> list:
     """Parse each object; skip `{}` and rows lacking their identifying key."""
-    out = []
+    out, lacking = [], 0
     for raw in rows:
         if isinstance(raw, Mapping):
             record = parse(raw)
             if record is not None:
                 out.append(record)
+            elif raw:
+                lacking += 1
+    if lacking:  # an empty ID cannot be a path, nor asked for (an empty filter means "all")
+        log.warning("%d %s record(s) without their ID skipped", lacking,
+                    getattr(parse, "__qualname__", "archive").split(".")[0].lower())
     return out
 
 

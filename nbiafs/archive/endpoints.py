@@ -176,7 +176,7 @@ def get_series_size(index, user, params):
     s = index.visible_series(user, params["SeriesInstanceUID"])
     if s is None:
         return [{}]
-    return [{"TotalSizeInBytes": s.total_size, "ObjectCount": len(s.instances)}]
+    return [{"TotalSizeInBytes": s.total_size, "ObjectCount": s.reported_count}]
 
 
 def get_series_metadata(index, user, params):

@@ -72,6 +72,12 @@ class Series:
         return self.raw["SeriesInstanceUID"]
 
     @property
+    def reported_count(self) -> int:
+        """ImageCount/ObjectCount as the archive's records give them (the hostile spec makes
+        them disagree with the instance list)."""
+        return self.raw.get("reported_count", len(self.instances))
+
+    @property
     def total_size(self) -> int:
         return sum(i.size for i in self.instances)
 
@@ -128,7 +134,7 @@ class ArchiveIndex:
                   "TimeStamp": nbia_datetime(raw.get("TimeStamp")),
                   "DateReleased": nbia_datetime(raw.get("DateReleased")),
                   "Date Released": nbia_datetime(raw.get("DateReleased")),
-                  "ImageCount": len(s.instances), "FileSize": s.total_size,
+                  "ImageCount": s.reported_count, "FileSize": s.total_size,
                   "LicenseName": s.collection.get("LicenseName"),
                   "LicenseURI": s.collection.get("LicenseURI"),
                   "CollectionURI": s.collection.get("CollectionURI"),
@@ -149,7 +155,7 @@ class ArchiveIndex:
             "Series Description": raw.get("SeriesDescription"),
             "Manufacturer": raw.get("Manufacturer"), "Modality": raw.get("Modality"),
             "SOP Class UID": SOP_CLASS.get(raw.get("Modality", "")),
-            "Number of Images": str(len(s.instances)), "File Size": str(s.total_size),
+            "Number of Images": str(s.reported_count), "File Size": str(s.total_size),
             "File Location": f"./{s.collection['Collection']}/{s.patient['PatientID']}/"
                              f"{s.study['StudyInstanceUID']}/{s.uid}",
             "Series Number": _str(raw.get("SeriesNumber")),

@@ -77,6 +77,8 @@ def plan_archive(spec: ArchiveSpec) -> dict:
             study["series"].append(big)
     if spec.awkward:
         _add_awkward_cases(spec, rng, collections)
+    if spec.hostile:
+        _add_hostile_cases(spec, rng, collections)
     carts = {}
     if collections and collections[0]["patients"]:
         first = [s for st in collections[0]["patients"][0]["studies"] for s in st["series"]]
@@ -186,6 +188,47 @@ def _add_awkward_cases(spec, rng, collections):
     collections.append(restricted)
 
 
+HOSTILE_COLLECTION = "Phantom-Hostile"
+HOSTILE_PATIENT_IDS = [".", "..", "", "a/b", "x%2Fy", "%", "L" * 300, "Ünïcødé 患者 001",
+                       "CASE-001", "case-001", "-rf", "*?[]"]
+
+
+def _add_hostile_cases(spec, rng, collections):
+    """Names and records no archive should send, each once, in two extra collections:
+    - patient IDs that are not path components as they are, or are awkward for shells
+      (`HOSTILE_PATIENT_IDS`), including two that differ only by case (string filters of
+      the archive match case-insensitively, so asking for one returns both);
+    - a second collection whose name differs only by case (`phantom-hostile`), holding a
+      patient with the same ID as one in the first;
+    - two patients (DUP-A, DUP-B) sharing one StudyInstanceUID, each with its own series;
+    - a series whose ImageCount/ObjectCount claim two instances more than
+      getSOPInstanceUIDs lists, and one claiming one fewer.
+    Files keep DICOM-valid header values (the archive's records are what is hostile)."""
+    coll = {"Collection": HOSTILE_COLLECTION, "restricted": False, "LicenseName": LICENSE[0],
+            "LicenseURI": LICENSE[1], "CollectionURI": "https://doi.org/10.0000/NBIAFS.PH",
+            "patients": []}
+    for n, pid in enumerate(HOSTILE_PATIENT_IDS):
+        patient = _plan_patient(spec, rng, HOSTILE_COLLECTION, f"hostile-{n}", "CT", n_studies=1)
+        patient["PatientID"] = patient["PatientName"] = pid
+        patient["DicomPatientID"] = f"HOSTILE-{n:03d}"
+        coll["patients"].append(patient)
+    dup_a = _plan_patient(spec, rng, HOSTILE_COLLECTION, "DUP-A", "CT", n_studies=1)
+    dup_b = _plan_patient(spec, rng, HOSTILE_COLLECTION, "DUP-B", "MR", n_studies=1)
+    dup_b["studies"][0]["StudyInstanceUID"] = dup_a["studies"][0]["StudyInstanceUID"]
+    counts = _plan_patient(spec, rng, HOSTILE_COLLECTION, "COUNT-001", "CT", n_studies=1)
+    over, under = counts["studies"][0]["series"][0], dict(counts["studies"][0]["series"][0])
+    over["reported_count"] = len(over["instances"]) + 2
+    under_uid = _uid(spec, "COUNT-001", "under")
+    under.update(SeriesInstanceUID=under_uid, SeriesNumber=9,
+                 instances=[_plan_instance(spec, under_uid, i) for i in range(spec.instances)],
+                 reported_count=spec.instances - 1)
+    counts["studies"][0]["series"].append(under)
+    coll["patients"] += [dup_a, dup_b, counts]
+    lower = {**coll, "Collection": HOSTILE_COLLECTION.lower(), "patients": [
+        _plan_patient(spec, rng, HOSTILE_COLLECTION.lower(), "CASE-001", "MR", n_studies=1)]}
+    collections += [coll, lower]
+
+
 # --------------------------------------------------------------------------- write
 def generate(spec: ArchiveSpec, root: Path) -> dict:
     """Generate `spec` under `root` (once) and return its index.
@@ -291,8 +334,8 @@ def build_dataset(spec, coll, patient, study, series, inst, idx, n, pad=0) -> Da
     if "SeriesDescription" in series:
         ds.SeriesDescription = series["SeriesDescription"]
     ds.ManufacturerModelName = series["ManufacturerModelName"]
-    ds.PatientName = patient["PatientName"]
-    ds.PatientID = patient["PatientID"]
+    ds.PatientName = patient.get("DicomPatientID", patient["PatientName"])
+    ds.PatientID = patient.get("DicomPatientID", patient["PatientID"])
     ds.PatientBirthDate = ""
     ds.PatientSex = patient.get("PatientSex", "")
     ds.PatientAge = study["PatientAge"]
