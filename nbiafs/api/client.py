@@ -172,11 +172,11 @@ class NbiaClient:
             raise _Retry(type(exc).__name__) from None
         if r.status_code == 401 and self.auth is not None and not state.get("renewed"):
             r.close()
-            state["renewed"] = True
             try:
                 self.auth.renew_after_rejection(r.request.headers.get("Authorization"))
-            except ArchiveUnavailable as exc:
+            except ArchiveUnavailable as exc:  # not renewed: the next attempt may renew
                 raise _Retry(str(exc)) from None
+            state["renewed"] = True
             raise _Retry("HTTP 401; token renewed", retry_after_s=0.0)
         if r.status_code in RETRY_STATUSES:
             r.close()
@@ -195,7 +195,7 @@ class NbiaClient:
                                   lambda state: self._query_once(endpoint, params, state))
         if rows or self.auth is None:
             return rows
-        return self._verify_empty(endpoint, params, rows)
+        return self._verify_empty(endpoint, params)
 
     def _query_once(self, endpoint: str, params: dict, state: dict) -> list:
         r = self._send(endpoint, params, state)
@@ -219,17 +219,24 @@ class NbiaClient:
             raise _Retry("unexpected JSON shape", integrity=True)
         return rows
 
-    def _verify_empty(self, endpoint: str, params: dict, rows: list) -> list:
-        """An empty v2 answer may come from a dead token: prove the token alive, or renew and ask again."""
-        header = f"Bearer {self.auth.current_token()}"
-        probe = self._with_retries("token check", self.config.metadata_budget_s,
-                                   lambda state: self._probe(header, state))
-        if probe:
-            return rows
-        log.info("an empty answer came with a dead token; renewing and asking again")
-        self.auth.renew_after_rejection(header)
-        return self._with_retries(endpoint, self.config.metadata_budget_s,
-                                  lambda state: self._query_once(endpoint, params, state))
+    def _verify_empty(self, endpoint: str, params: dict) -> list:
+        """An empty v2 answer may come from a dead token: prove the token alive, or renew and
+        ask again; all within one metadata budget (a token endpoint that is down for a moment
+        is retried, never turned into an empty listing)."""
+        def attempt(state):
+            try:
+                header = f"Bearer {self.auth.current_token()}"
+                if self._probe(header, state):
+                    return []  # a live token: the empty answer stands
+                log.info("an empty answer came with a dead token; renewing and asking again")
+                self.auth.renew_after_rejection(header)
+            except ArchiveUnavailable as exc:  # the token endpoint did not answer
+                raise _Retry(str(exc)) from None
+            again = self._query_once(endpoint, params, state)
+            if again:
+                return again
+            raise _Retry("empty again after renewal: checking the new token", retry_after_s=0.0)
+        return self._with_retries(endpoint, self.config.metadata_budget_s, attempt)
 
     def _probe(self, header: str, state: dict) -> bool:
         try:
