@@ -15,6 +15,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import resource
 import shutil
 from pathlib import Path
 
@@ -166,9 +167,22 @@ def limit_malloc_arenas() -> None:
         pass  # not glibc: nothing to tune
 
 
+def raise_open_file_limit() -> None:
+    """Each thread that touches a cache holds its own SQLite connection (2 files per cache), and
+    libfuse starts threads as requests arrive: lift the soft limit of open files to the hard one
+    so a burst of requests never meets EMFILE (the default soft limit is often 1024)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
 def run(config: MountConfig) -> None:
     """Check, mount and serve until unmounted (SIGINT/SIGTERM or fusermount -u)."""
     limit_malloc_arenas()
+    raise_open_file_limit()
     check_fuse()
     check_mountpoint(config.mountpoint)
     mount = Mount(config)
