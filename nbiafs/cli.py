@@ -326,6 +326,9 @@ def setup_logging(level: str) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     except ValueError:
         raise CliError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR") from None
+    # fusepy logs every errno it returns (ENOENT, ENODATA…) with a traceback at DEBUG: those
+    # are answers, not faults; nbiafs logs what matters about them itself.
+    logging.getLogger("fuse").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def main(argv: list[str] | None = None) -> int:

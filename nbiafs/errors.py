@@ -8,6 +8,8 @@ never contain credentials or tokens.
 from __future__ import annotations
 
 import errno
+import re
+from urllib.parse import urlsplit
 
 
 class NbiaError(Exception):
@@ -41,6 +43,22 @@ class ArchiveUnavailable(NbiaError):
         super().__init__(f"archive unavailable: {what} failed after {attempts} attempt"
                          f"{'s' if attempts != 1 else ''} ({last_error})")
         self.attempts = attempts
+
+
+class UntrustedCertificate(NbiaError):
+    """The archive's TLS certificate failed verification: not retried, never ignored silently."""
+
+    errno = errno.EIO
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"the TLS certificate of {url} is not trusted ({reason}); give its CA with "
+                         "REQUESTS_CA_BUNDLE=FILE, or skip verification with --insecure")
+
+    @classmethod
+    def from_ssl_error(cls, url: str, exc: BaseException) -> "UntrustedCertificate":
+        url = urlsplit(url).netloc or url
+        m = re.search(r"certificate verify failed: ([^()'\]\\]+)", str(exc))
+        return cls(url, m.group(1).strip() if m else type(exc).__name__)
 
 
 class IntegrityError(NbiaError):

@@ -24,7 +24,7 @@ from nbiafs.api.client import NbiaClient
 from nbiafs.blobcache import InstanceCache
 from nbiafs.catalog import Catalog
 from nbiafs.config import MountConfig
-from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError
+from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError, UntrustedCertificate
 from nbiafs.filesystem import NbiaFilesystem
 from nbiafs.metastore import MetadataStore
 from nbiafs.prefetch import Prefetcher
@@ -109,7 +109,7 @@ class Mount:
         try:
             if self.client.auth is not None:
                 self.client.auth.login()
-        except AuthenticationFailed as exc:
+        except (AuthenticationFailed, UntrustedCertificate) as exc:
             raise MountError(str(exc)) from None
         except ArchiveUnavailable as exc:
             if not (scope / "metadata").is_dir():

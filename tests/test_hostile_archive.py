@@ -16,7 +16,7 @@ from nbiafs import naming
 from nbiafs.api.client import ClientConfig, NbiaClient
 from nbiafs.archive.content import load_synthetic
 from nbiafs.archive.server import LocalArchive
-from nbiafs.archive.synth import HOSTILE_COLLECTION, HOSTILE_PATIENT_IDS
+from nbiafs.archive.synth import ESCAPE_SOP_UID, HOSTILE_COLLECTION, HOSTILE_PATIENT_IDS
 from nbiafs.catalog import Catalog, ROOT_NODE
 from nbiafs.metastore import MetadataStore
 from nbiafs.testing import MountedArchive
@@ -161,3 +161,21 @@ def test_per_patient_listings_apply_the_same_rules(hostile, tmp_path, monkeypatc
         cat.close()
         store.close()
         client.close()
+
+
+def test_an_instance_uid_that_climbs_directories_stays_inside(mounted_hostile, hostile):
+    """A SOPInstanceUID such as ../../../tmp/x is one escaped file name; neither the mount nor
+    the cache writes anywhere but the cache directory."""
+    s = next(s for s in patient_series(hostile, HOSTILE_COLLECTION, "ESCAPE-001")
+             if any(i.sop_uid == ESCAPE_SOP_UID for i in s.instances))
+    folder = mounted_hostile.path(HOSTILE_COLLECTION, "ESCAPE-001", s.study["StudyInstanceUID"], s.uid)
+    name = naming.instance_file_name(ESCAPE_SOP_UID)
+    assert "/" not in name and name in os.listdir(folder)
+    inst = next(i for i in s.instances if i.sop_uid == ESCAPE_SOP_UID)
+    assert hashlib.md5((folder / name).read_bytes()).hexdigest() == inst.md5
+    assert {i.sop_uid: hashlib.md5((folder / naming.instance_file_name(i.sop_uid)).read_bytes()).hexdigest()
+            for i in s.instances} == {i.sop_uid: i.md5 for i in s.instances}
+    assert not Path("/tmp/nbiafs-escape").exists() and not Path("/tmp/nbiafs-escape.dcm").exists()
+    base = mounted_hostile.cache_dir.parent
+    assert {p.name for p in base.iterdir()} == {"mnt", "cache", "daemon.log"}
+    assert os.getxattr(folder / name, "user.nbia.SOPInstanceUID").decode() == ESCAPE_SOP_UID

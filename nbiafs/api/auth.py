@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed
+from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, UntrustedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,8 @@ class TokenAuth(requests.auth.AuthBase):
     def _grant(self, form: dict) -> _Token:
         try:
             r = self._http.post(self.token_url, data=form, timeout=self._timeout_s)
+        except requests.exceptions.SSLError as exc:
+            raise UntrustedCertificate.from_ssl_error(self.token_url, exc) from None
         except requests.RequestException as exc:
             raise ArchiveUnavailable("token request", 1, type(exc).__name__) from None
         if r.status_code in (400, 401):

@@ -37,7 +37,8 @@ import requests.adapters
 
 from nbiafs.api import models
 from nbiafs.api.auth import Credentials, TokenAuth
-from nbiafs.errors import ArchiveUnavailable, IntegrityError, NbiaError, NotAuthorized, NotFound
+from nbiafs.errors import (ArchiveUnavailable, IntegrityError, NbiaError, NotAuthorized, NotFound,
+                           UntrustedCertificate)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,20 @@ def _retry_after(response: requests.Response) -> float | None:
         return None
 
 
+class _Session(requests.Session):
+    """A session whose `insecure` really turns verification off: requests lets the
+    REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE environment override `Session.verify = False`."""
+
+    def __init__(self, insecure: bool = False):
+        super().__init__()
+        self.insecure = insecure
+
+    def request(self, *args, **kwargs):
+        if self.insecure:
+            kwargs["verify"] = False
+        return super().request(*args, **kwargs)
+
+
 class NbiaClient:
     """Thread-safe client of one archive, as one user."""
 
@@ -98,12 +113,11 @@ class NbiaClient:
         self.config = config
         self._sleep = sleep
         self._clock = clock
-        self.http = requests.Session()
+        self.http = _Session(insecure=not config.verify_tls)
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=config.pool_size,
                                                 max_retries=0)
         self.http.mount("http://", adapter)
         self.http.mount("https://", adapter)
-        self.http.verify = config.verify_tls
         self.http.headers["User-Agent"] = "nbiafs"
         root = config.root_url.rstrip("/")
         self.services_url = f"{root}/services/{config.api}/"
@@ -168,6 +182,8 @@ class NbiaClient:
             raise _Retry(str(exc)) from None
         except NbiaError:
             raise
+        except requests.exceptions.SSLError as exc:
+            raise UntrustedCertificate.from_ssl_error(self.config.root_url, exc) from None
         except requests.RequestException as exc:
             raise _Retry(type(exc).__name__) from None
         if r.status_code == 401 and self.auth is not None and not state.get("renewed"):
@@ -242,6 +258,8 @@ class NbiaClient:
         try:
             r = self.http.get(self.services_url + "getCollectionValues", headers={"Authorization": header},
                               timeout=self._timeout(state))
+        except requests.exceptions.SSLError as exc:
+            raise UntrustedCertificate.from_ssl_error(self.config.root_url, exc) from None
         except requests.RequestException as exc:
             raise _Retry(type(exc).__name__) from None
         if r.status_code in RETRY_STATUSES and r.status_code != 500:

@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -60,7 +61,7 @@ class LocalArchive:
 
     def __init__(self, index: ArchiveIndex, tokens: TokenStore | None = None,
                  faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, tls: "ssl.SSLContext | None" = None):
         self.index = index
         self.tokens = tokens or TokenStore()
         self._faults = faults or Faults()
@@ -74,6 +75,9 @@ class LocalArchive:
         self.deflated = DeflateStore(index.deflate_dir or Path(tempfile.mkdtemp(prefix="nbiafs-deflate-")))
         self._httpd = _Server((host, port), _Handler)
         self._httpd.archive = self
+        self.tls = tls is not None  # https, e.g. with a self-signed certificate (TLS tests)
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
         self._apply_total_link()
 
@@ -86,7 +90,7 @@ class LocalArchive:
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/nbia-api"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}/nbia-api"
 
     def start(self) -> "LocalArchive":
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="nbia-archive",

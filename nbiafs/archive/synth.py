@@ -192,6 +192,8 @@ HOSTILE_COLLECTION = "Phantom-Hostile"
 HOSTILE_PATIENT_IDS = [".", "..", "", "a/b", "x%2Fy", "%", "L" * 300, "Ünïcødé 患者 001",
                        "CASE-001", "case-001", "-rf", "*?[]"]
 
+ESCAPE_SOP_UID = "../../../../../../tmp/nbiafs-escape"
+
 
 def _add_hostile_cases(spec, rng, collections):
     """Names and records no archive should send, each once, in two extra collections:
@@ -202,7 +204,9 @@ def _add_hostile_cases(spec, rng, collections):
       patient with the same ID as one in the first;
     - two patients (DUP-A, DUP-B) sharing one StudyInstanceUID, each with its own series;
     - a series whose ImageCount/ObjectCount claim two instances more than
-      getSOPInstanceUIDs lists, and one claiming one fewer.
+      getSOPInstanceUIDs lists, and one claiming one fewer;
+    - an instance whose SOPInstanceUID in the archive's records is a relative path
+      climbing out of wherever it is joined (`ESCAPE_SOP_UID`).
     Files keep DICOM-valid header values (the archive's records are what is hostile)."""
     coll = {"Collection": HOSTILE_COLLECTION, "restricted": False, "LicenseName": LICENSE[0],
             "LicenseURI": LICENSE[1], "CollectionURI": "https://doi.org/10.0000/NBIAFS.PH",
@@ -223,7 +227,11 @@ def _add_hostile_cases(spec, rng, collections):
                  instances=[_plan_instance(spec, under_uid, i) for i in range(spec.instances)],
                  reported_count=spec.instances - 1)
     counts["studies"][0]["series"].append(under)
-    coll["patients"] += [dup_a, dup_b, counts]
+    escape = _plan_patient(spec, rng, HOSTILE_COLLECTION, "ESCAPE-001", "CT", n_studies=1)
+    climbing = escape["studies"][0]["series"][0]["instances"][0]
+    climbing["DicomSOPInstanceUID"] = climbing["SOPInstanceUID"]
+    climbing["SOPInstanceUID"] = ESCAPE_SOP_UID
+    coll["patients"] += [dup_a, dup_b, counts, escape]
     lower = {**coll, "Collection": HOSTILE_COLLECTION.lower(), "patients": [
         _plan_patient(spec, rng, HOSTILE_COLLECTION.lower(), "CASE-001", "MR", n_studies=1)]}
     collections += [coll, lower]
@@ -291,7 +299,7 @@ def _write_series(spec, root, coll, patient, study, series):
 
 def _write_instance(spec, folder, coll, patient, study, series, inst, idx, n, pad):
     ds = build_dataset(spec, coll, patient, study, series, inst, idx, n, pad)
-    path = folder / f"{inst['SOPInstanceUID']}.dcm"
+    path = folder / f"{inst.get('DicomSOPInstanceUID', inst['SOPInstanceUID'])}.dcm"
     ds.save_as(path, enforce_file_format=True)
     data = path.read_bytes()
     inst["file"] = str(path.relative_to(folder.parent.parent))
@@ -314,13 +322,13 @@ def build_dataset(spec, coll, patient, study, series, inst, idx, n, pad=0) -> Da
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE if modality == "CT" else MR_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = inst["SOPInstanceUID"]
+    ds.file_meta.MediaStorageSOPInstanceUID = inst.get("DicomSOPInstanceUID", inst["SOPInstanceUID"])
     ds.file_meta.ImplementationClassUID = UID_ROOT + "1"
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if series.get("SeriesDescription") != "LOCALIZER" \
         else ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = inst["SOPInstanceUID"]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = \
         study["StudyDate"].replace("-", "")
     ds.StudyTime = "101500"
