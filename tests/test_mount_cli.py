@@ -51,6 +51,7 @@ def test_mountpoint_not_empty(nbia_archive, mnt):
     (mnt / "something").write_text("x")
     res = nbiafs("mount", str(mnt), "--url", nbia_archive.url, "-f")
     assert_one_line_error(res, "not empty")
+    assert not os.path.ismount(mnt)
 
 
 @pytest.mark.parametrize("size", ["lots", "0", "-5G", "12Q"])
@@ -64,6 +65,7 @@ def test_unknown_option_is_a_usage_error(mnt):
     res = nbiafs("mount", str(mnt), "--no-such-option")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and "unrecognized arguments: --no-such-option" in res.stderr
+    assert not os.path.ismount(mnt)
 
 
 def test_unwritable_cache_dir(nbia_archive, mnt, tmp_path):
@@ -71,6 +73,7 @@ def test_unwritable_cache_dir(nbia_archive, mnt, tmp_path):
     blocker.write_text("x")
     res = nbiafs("mount", str(mnt), "--url", nbia_archive.url, "--cache-dir", str(blocker / "c"), "-f")
     assert_one_line_error(res, "cache directory")
+    assert not os.path.ismount(mnt)
 
 
 def test_refused_credentials(nbia_archive, mnt):

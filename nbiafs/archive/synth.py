@@ -189,7 +189,7 @@ def _add_awkward_cases(spec, rng, collections):
 
 
 HOSTILE_COLLECTION = "Phantom-Hostile"
-HOSTILE_PATIENT_IDS = [".", "..", "", "a/b", "x%2Fy", "%", "L" * 300, "Ünïcødé 患者 001",
+HOSTILE_PATIENT_IDS = [".", "..", "", "a/b", "a%2Fb", "%", "L" * 300, "Ünïcødé 患者 001",
                        "CASE-001", "case-001", "-rf", "*?[]"]
 
 ESCAPE_SOP_UID = "../../../../../../tmp/nbiafs-escape"
