@@ -236,6 +236,15 @@ class InstanceCache:
             self._cache.reset("size_limit", limit)
         return limit
 
+    def count(self) -> int:
+        """Instances stored."""
+        return len(self._cache)
+
+    def in_flight(self) -> int:
+        """Downloads under way (opens and prefetch)."""
+        with self._lock:
+            return len(self._flights)
+
     # ------------------------------------------------------------------ lookups
     def contains(self, key: str) -> bool:
         with self._lock:

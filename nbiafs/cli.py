@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_mount(sub)
     _add_prefetch(sub)
+    _add_status(sub)
+    _add_cache(sub)
     _add_demo(sub)
     _add_serve(sub)
     return parser
@@ -125,6 +127,61 @@ def run_prefetch(args) -> int:
         return run([Path(p) for p in args.paths], jobs=args.jobs)
     except WarmError as exc:
         raise CliError(str(exc)) from None
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="what a mount is doing: archive, user, token, cache, downloads, errors",
+                       description="Print the status of the nbiafs mount at MOUNTPOINT "
+                                   "(the same text as MOUNTPOINT/.nbiafs/status).")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--log-level", default="WARNING", metavar="LEVEL", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_status)
+
+
+def run_status(args) -> int:
+    from pathlib import Path
+
+    from nbiafs.status import STATUS_DIR, STATUS_FILE
+
+    path = Path(args.mountpoint) / STATUS_DIR / STATUS_FILE
+    try:
+        text = path.read_text()
+    except OSError:
+        raise CliError(f"{args.mountpoint} is not an nbiafs mount (no {STATUS_DIR}/{STATUS_FILE})") from None
+    sys.stdout.write(text)
+    return 0
+
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="show or clear the cache directory (outside a mount)",
+                       description="info: each archive and user cached, its size and last use. "
+                                   "clear: delete them (caches in use by a running mount are left "
+                                   "alone and reported).",
+                       epilog="examples:\n  nbiafs cache info\n  nbiafs cache clear --cache-dir /scratch/nbiafs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/nbiafs")
+    p.add_argument("--log-level", default="WARNING", metavar="LEVEL", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_cache)
+
+
+def run_cache(args) -> int:
+    from pathlib import Path
+
+    from nbiafs.config import CacheConfig
+    from nbiafs.status import clear_scopes, format_scopes, scopes
+
+    root = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else CacheConfig().root
+    infos = scopes(root)
+    if args.action == "info":
+        sys.stdout.write(format_scopes(root, infos))
+        return 0
+    cleared, busy = clear_scopes(infos)
+    print(f"cleared {len(cleared)} cache(s) in {root}")
+    if busy:
+        raise CliError(f"{len(busy)} cache(s) in use by a running mount were left alone: "
+                       + ", ".join(f"{s.url} ({s.user or 'anonymous'})" for s in busy))
+    return 0
 
 
 def _add_demo(sub) -> None:

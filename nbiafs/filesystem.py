@@ -15,17 +15,20 @@ import datetime as dt
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import logging
 import os
 import stat
 import threading
-from typing import BinaryIO
+import time
+from typing import BinaryIO, Callable
 
 from nbiafs.blobcache import InstanceCache, pread
 from nbiafs.catalog import INSTANCE, SERIES, Catalog, Node
 from nbiafs.errors import NbiaError, ReadOnly
 from nbiafs.prefetch import Prefetcher, key_of
+from nbiafs.status import STATUS_DIR, STATUS_FILE, ErrorLog
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,24 @@ def inode(path: str) -> int:
                                           digest_size=8).digest(), "big") >> 1 or 1
 
 
+STATUS_DIR_PATH = f"/{STATUS_DIR}"
+STATUS_PATH = f"/{STATUS_DIR}/{STATUS_FILE}"
+
+
 class NbiaFilesystem:
+    """`/.nbiafs/status` is the one entry not from the archive: the mount's status as text,
+    rendered at each open by `status` (a callable), read with direct I/O. Like ZFS's `.zfs`,
+    `/.nbiafs` is reachable by name but not listed, so walks and copies of the mount never
+    meet it."""
+
     def __init__(self, catalog: Catalog, cache: InstanceCache, prefetcher: Prefetcher | None = None,
-                 uid: int | None = None, gid: int | None = None):
+                 uid: int | None = None, gid: int | None = None, status: Callable[[], str] | None = None):
         self.catalog = catalog
         self.cache = cache
         self.prefetcher = prefetcher
+        self.status = status
+        self.errors = ErrorLog()
+        self._started = time.time()
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._handles: dict[int, BinaryIO] = {}
@@ -74,7 +89,19 @@ class NbiaFilesystem:
 
     # ------------------------------------------------------------------ attributes
     def getattr(self, path: str) -> dict:
+        if self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH):
+            return self._status_attributes(path)
         return self.attributes(self.catalog.resolve(path))
+
+    def _status_attributes(self, path: str) -> dict:
+        attrs = {"st_ino": inode(path), "st_uid": self.uid, "st_gid": self.gid, "st_mtime": self._started,
+                 "st_ctime": self._started, "st_atime": self._started}
+        if path == STATUS_DIR_PATH:
+            attrs.update(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_size=0, st_blocks=0)
+        else:  # the size of the text as it is now; reads use direct I/O and go to the end anyway
+            size = len(self.status().encode())
+            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size, st_blocks=(size + 511) // 512)
+        return attrs
 
     def attributes(self, node: Node) -> dict:
         mtime = self._mtime(node)
@@ -96,6 +123,8 @@ class NbiaFilesystem:
 
     # ------------------------------------------------------------------ directories
     def readdir(self, path: str) -> list[tuple[str, dict]]:
+        if self.status is not None and path == STATUS_DIR_PATH:
+            return [(STATUS_FILE, self._status_attributes(STATUS_PATH))]
         node = self.catalog.resolve(path)
         if not node.is_dir:
             raise NbiaError(f"{path}: not a directory")
@@ -108,6 +137,12 @@ class NbiaFilesystem:
         """Open an instance for reading; returns (file handle, immutable: keep the page cache)."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise ReadOnly(f"{path}: read-only filesystem")
+        if self.status is not None and path == STATUS_PATH:
+            handle: BinaryIO = io.BytesIO(self.status().encode())
+            with self._handles_lock:
+                fh = next(self._next_fh)
+                self._handles[fh] = handle
+            return fh, False
         node = self.catalog.resolve(path)
         if node.kind != INSTANCE:
             raise NbiaError(f"{path}: is a directory")
@@ -135,6 +170,8 @@ class NbiaFilesystem:
             handle = self._handles.get(fh)
         if handle is None:
             raise NbiaError(f"read on unknown file handle {fh}")
+        if isinstance(handle, io.BytesIO):  # the status text
+            return handle.getvalue()[offset:offset + size]
         return pread(handle, size, offset)
 
     def release(self, fh: int) -> None:
@@ -145,9 +182,13 @@ class NbiaFilesystem:
 
     # ------------------------------------------------------------------ extended attributes
     def listxattr(self, path: str) -> list[str]:
+        if self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH):
+            return []
         return list(self._xattrs(self.catalog.resolve(path)))
 
     def getxattr(self, path: str, name: str) -> bytes:
+        if self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH):
+            raise NoAttribute(f"{path}: no attribute {name}")
         xattrs = self._xattrs(self.catalog.resolve(path)) if name.startswith("user.") else {}
         if name not in xattrs:
             raise NoAttribute(f"{path}: no attribute {name}")
@@ -174,7 +215,8 @@ class NbiaFilesystem:
                 "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
 
     def access(self, path: str, mode: int) -> None:
-        self.catalog.resolve(path)
+        if not (self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH)):
+            self.catalog.resolve(path)
         if mode & os.W_OK:
             raise ReadOnly(f"{path}: read-only filesystem")
 

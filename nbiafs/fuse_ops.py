@@ -29,15 +29,18 @@ def _errno_boundary(method):
         except NbiaError as exc:
             if exc.errno == errno.EIO:
                 log.warning("%s %s: %s", method.__name__, args[0] if args else "", exc)
+                self.fs.errors.note(method.__name__, args[0] if args else "", str(exc))
             else:
                 log.debug("%s %s: %s", method.__name__, args[0] if args else "", exc)
             raise FuseOSError(exc.errno) from None
         except OSError as exc:
             log.warning("%s %s: %s", method.__name__, args[0] if args else "", exc)
+            self.fs.errors.note(method.__name__, args[0] if args else "", str(exc))
             raise FuseOSError(exc.errno if exc.errno and exc.errno > 0 else errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s %s; answering EIO", method.__name__,
                           args[0] if args else "")
+            self.fs.errors.note(method.__name__, args[0] if args else "", "unexpected error (see the log)")
             raise FuseOSError(errno.EIO) from None
     return wrapper
 
@@ -80,6 +83,7 @@ class FuseOperations(Operations):
         fh, immutable = self.fs.open(path, fi.flags)
         fi.fh = fh
         fi.keep_cache = 1 if immutable else 0  # instances never change: keep the page cache
+        fi.direct_io = 0 if immutable else 1   # the status text: read to its end, whatever st_size said
         return 0
 
     @_errno_boundary

@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import shutil
+import time
 from pathlib import Path
 
 from nbiafs.api.auth import resolve_credentials
@@ -28,6 +29,7 @@ from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError, U
 from nbiafs.filesystem import NbiaFilesystem
 from nbiafs.metastore import MetadataStore
 from nbiafs.prefetch import Prefetcher
+from nbiafs.status import StatusSources, hold_scope, render_status, write_scope_record
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class Mount:
         self._store: MetadataStore | None = None
         self._cache: InstanceCache | None = None
         self.prefetcher: Prefetcher | None = None
+        self._scope_lock: int | None = None
+        self._status: StatusSources | None = None
 
     def start(self) -> NbiaFilesystem:
         """Log in and build the filesystem. Raises MountError with one line on failure."""
@@ -117,14 +121,22 @@ class Mount:
             log.warning("the archive is unreachable (%s); serving what earlier mounts cached "
                         "until it comes back", exc)
         prepare_cache_dir(scope)
+        write_scope_record(scope, config.client.root_url, config.client.api, self.client.user)
+        self._scope_lock = hold_scope(scope)  # `nbiafs cache clear` leaves this scope alone
         self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
                                     config.cache.memory_records)
         self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
         catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s)
         self.prefetcher = Prefetcher(self._cache, self.client, config.prefetch,
                                      on_stored=catalog.record_exact_size)
-        self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher)
+        self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher, status=self.status_text)
+        self._status = StatusSources(config.mountpoint, config.client.root_url, config.client.api,
+                                     self.client.user, scope, time.time(), self.client, self._cache,
+                                     self.prefetcher if config.prefetch.enabled else None, self.fs.errors)
         return self.fs
+
+    def status_text(self) -> str:
+        return render_status(self._status)
 
     def start_threads(self) -> None:
         """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
@@ -155,6 +167,9 @@ class Mount:
         for closable in (self._cache, self._store):
             if closable is not None:
                 closable.close()
+        if self._scope_lock is not None:
+            os.close(self._scope_lock)
+            self._scope_lock = None
 
 
 def limit_malloc_arenas() -> None:

@@ -83,6 +83,10 @@ class Prefetcher:
         self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0}
 
     # ------------------------------------------------------------------ lifecycle
+    def queued(self) -> int:
+        """Instances waiting for a prefetch worker."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         if not self.config.enabled:
             return

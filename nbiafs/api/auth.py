@@ -109,6 +109,11 @@ class TokenAuth(requests.auth.AuthBase):
         self.password_grants = 0
         self.refresh_grants = 0
 
+    def seconds_left(self) -> float | None:
+        """Lifetime left of the current access token (None before the first grant)."""
+        token = self._token
+        return None if token is None else token.expires_at - self._clock()
+
     # ------------------------------------------------------------------ hook
     def __call__(self, request):
         request.headers["Authorization"] = f"Bearer {self.current_token()}"

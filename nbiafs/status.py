@@ -1,0 +1,199 @@
+"""What a mount is doing, for humans: `MOUNTPOINT/.nbiafs/status` and `nbiafs status`;
+and the cache directory seen from outside a mount: `nbiafs cache info|clear`.
+
+The status never shows a secret: the user's name, the token's remaining lifetime, never the
+token or the password. Each cache scope records what it belongs to (`scope.json`: URL, API,
+user) and is held by a running mount through a shared lock on `scope.lock`, so `cache clear`
+never pulls a cache from under a mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbiafs import __version__
+
+STATUS_DIR = ".nbiafs"
+STATUS_FILE = "status"
+SCOPE_FILE = "scope.json"
+LOCK_FILE = "scope.lock"
+
+
+def human_bytes(n: float) -> str:
+    """Binary units, as `--cache-size` and `du -h` count: 20G is 20 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class ErrorLog:
+    """Errors answered to the kernel (EIO and unexpected ones): a count and the last one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards count, last
+        self.count = 0
+        self.last: str | None = None
+
+    def note(self, operation: str, path: str, message: str) -> None:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S UTC")
+        with self._lock:
+            self.count += 1
+            self.last = f"{stamp} {operation} {path}: {message}"
+
+
+@dataclass
+class StatusSources:
+    """What the status is read from (filled in by `mount.Mount`)."""
+    mountpoint: Path
+    root_url: str
+    api: str
+    user: str | None
+    scope_dir: Path
+    started: float          # time.time() at mount
+    client: object          # NbiaClient
+    cache: object           # InstanceCache
+    prefetcher: object      # Prefetcher | None
+    errors: ErrorLog
+
+
+def render_status(src: StatusSources) -> str:
+    now = time.time()
+    started = dt.datetime.fromtimestamp(src.started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [f"nbiafs {__version__} at {src.mountpoint}, mounted {started} (up {human_duration(now - src.started)})",
+             f"archive:    {src.root_url} (API {src.api})",
+             f"user:       {src.user or 'anonymous (v1)'}"]
+    auth = getattr(src.client, "auth", None)
+    if auth is not None:
+        left = auth.seconds_left()
+        renewals = auth.password_grants + auth.refresh_grants - 1
+        token = "none yet (the archive was unreachable)" if left is None else (
+            f"valid for {human_duration(left)} more" if left > 0 else "expired, renewing")
+        lines.append(f"token:      {token} (renewed {max(0, renewals)} times)")
+    cache = src.cache
+    used, limit = cache.volume(), cache.max_bytes
+    lines.append(f"cache:      {human_bytes(used)} of {human_bytes(limit)} used ({100 * used / limit:.1f} %), "
+                 f"{cache.count()} instances, in {src.scope_dir}")
+    opens = cache.hits + cache.downloads
+    rate = f"{100 * cache.hits / opens:.0f} %" if opens else "-"
+    lines.append(f"opens:      {opens} served, {cache.hits} from the cache (hit rate {rate})")
+    queued = src.prefetcher.queued() if src.prefetcher is not None else 0
+    zips = src.prefetcher.stats["zips"] if src.prefetcher is not None else 0
+    lines.append(f"downloads:  {cache.downloads} done, {cache.in_flight()} in flight, {queued} queued "
+                 f"for prefetch, {zips} series zips")
+    lines.append(f"errors:     {src.errors.count}" + (f" (last: {src.errors.last})" if src.errors.last else ""))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- scopes
+def write_scope_record(scope: Path, root_url: str, api: str, user: str | None) -> None:
+    tmp = scope / (SCOPE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"url": root_url, "api": api, "user": user}))
+    os.replace(tmp, scope / SCOPE_FILE)
+
+
+@contextlib.contextmanager
+def scope_lock(scope: Path, exclusive: bool):
+    """Shared: held by a mount for its lifetime. Exclusive (non-blocking): to clear it.
+    Yields False when the lock is held elsewhere."""
+    fd = os.open(scope / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def hold_scope(scope: Path) -> int:
+    """Take the shared lock for a mount's lifetime; returns the fd to close at unmount."""
+    fd = os.open(scope / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@dataclass
+class ScopeInfo:
+    path: Path
+    url: str
+    api: str
+    user: str | None
+    bytes: int
+    instances: int
+    last_used: float
+
+
+def scopes(root: Path) -> list[ScopeInfo]:
+    out = []
+    if not root.is_dir():
+        return out
+    for scope in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            record = json.loads((scope / SCOPE_FILE).read_text())
+        except (OSError, ValueError):
+            record = {"url": "?", "api": "?", "user": None}
+        size, instances, last = 0, 0, scope.stat().st_mtime
+        for path in scope.rglob("*"):
+            with contextlib.suppress(OSError):
+                st = path.lstat()
+                if path.is_file():
+                    size += st.st_size
+                    last = max(last, st.st_mtime)
+                    instances += path.suffix == ".val"
+        out.append(ScopeInfo(scope, record.get("url", "?"), record.get("api", "?"), record.get("user"),
+                             size, instances, last))
+    return out
+
+
+def format_scopes(root: Path, infos: list[ScopeInfo]) -> str:
+    if not infos:
+        return f"{root}: no cache yet\n"
+    lines = [f"{root}:"]
+    for s in infos:
+        last = dt.datetime.fromtimestamp(s.last_used, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        lines.append(f"  {s.path.name}  {s.url} (API {s.api}), user {s.user or 'anonymous'}: "
+                     f"{human_bytes(s.bytes)}, {s.instances} instances, last used {last}")
+    lines.append(f"  total {human_bytes(sum(s.bytes for s in infos))}")
+    return "\n".join(lines) + "\n"
+
+
+def clear_scopes(infos: list[ScopeInfo]) -> tuple[list[ScopeInfo], list[ScopeInfo]]:
+    """Delete each scope not held by a running mount; returns (cleared, in use)."""
+    cleared, busy = [], []
+    for s in infos:
+        with scope_lock(s.path, exclusive=True) as free:
+            if not free:
+                busy.append(s)
+                continue
+            for child in s.path.iterdir():
+                if child.name == LOCK_FILE:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        with contextlib.suppress(OSError):
+            (s.path / LOCK_FILE).unlink()
+            s.path.rmdir()
+        cleared.append(s)
+    return cleared, busy
