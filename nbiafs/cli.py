@@ -47,13 +47,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(mount_defaults: dict | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="nbiafs", description="The Cancer Imaging Archive (NBIA REST API) as a read-only filesystem.")
+        prog="nbiafs", description="The Cancer Imaging Archive (NBIA REST API) as a read-only filesystem.",
+        epilog="examples:\n"
+               "  nbiafs demo                        a local demo archive, mounted at ./nbia-demo\n"
+               "  nbiafs mount ~/tcia                TCIA's public collections (guest)\n"
+               "  NBIA_USER=me nbiafs mount ~/tcia   with your account (password from NBIA_PASSWORD,\n"
+               "                                     ~/.netrc or a prompt)\n"
+               "  nbiafs status ~/tcia               what the mount is doing\n"
+               "  fusermount -u ~/tcia               unmount\n"
+               "more: nbiafs COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nbiafs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_mount(sub)
+    _add_mount(sub, mount_defaults or {})
     _add_prefetch(sub)
     _add_status(sub)
     _add_cache(sub)
@@ -83,14 +92,17 @@ def _add_client_options(p) -> None:
                    help="DEBUG, INFO, WARNING (default) or ERROR")
 
 
-def _add_mount(sub) -> None:
+def _add_mount(sub, defaults: dict) -> None:
     p = sub.add_parser("mount", help="mount the archive read-only at MOUNTPOINT",
                        description="Mount the archive as /Collection/PatientID/StudyInstanceUID/"
                                    "SeriesInstanceUID/SOPInstanceUID.dcm (read-only). "
                                    "Unmount with: fusermount -u MOUNTPOINT",
                        epilog="examples:\n  nbiafs mount ~/tcia\n"
                               "  NBIA_USER=me nbiafs mount --cache-size 100G ~/tcia\n"
-                              "  nbiafs mount --url nlst ~/nlst",
+                              "  nbiafs mount --url nlst -o cache_size=50G,timeout=30 ~/nlst\n"
+                              "  nbiafs status ~/tcia; fusermount -u ~/tcia\n"
+                              "defaults: ~/.config/nbiafs/config.toml (keys as the long options, "
+                              "e.g. cache_size = \"100G\"); fstab: see the README",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_client_options(p)
@@ -101,7 +113,13 @@ def _add_mount(sub) -> None:
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
-    p.set_defaults(func=run_mount)
+    p.add_argument("-o", dest="options", action="append", metavar="OPT[=VAL],…",
+                   help="options as in fstab, e.g. -o cache_size=50G,timeout=30,allow_other")
+    p.add_argument("--config", metavar="FILE", help="settings file (default: ~/.config/nbiafs/config.toml)")
+    p.add_argument("--log-file", metavar="FILE", help="log there (default: stderr; lost in the background)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more (DEBUG)")
+    p.set_defaults(func=run_mount, log_level="INFO")
+    p.set_defaults(**defaults)
 
 
 def _add_prefetch(sub) -> None:
@@ -377,10 +395,13 @@ def wait_for_signal() -> None:
         pass
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, log_file: str | None = None) -> None:
     try:
-        logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        target = {"filename": log_file} if log_file else {"stream": sys.stderr}
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            **target)
+    except OSError as exc:
+        raise CliError(f"--log-file {log_file}: {exc.strerror}") from None
     except ValueError:
         raise CliError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR") from None
     # fusepy logs every errno it returns (ENOENT, ENODATA…) with a traceback at DEBUG: those
@@ -389,13 +410,61 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "mount":
+        from pathlib import Path
+
+        from nbiafs.settings import SettingsError, load_config_file, parse_mount_options
+
+        try:  # flags win over -o options, which win over the config file
+            settings = load_config_file(Path(args.config).expanduser() if args.config else None,
+                                        required=bool(args.config))
+            for text in args.options or []:
+                settings.update(parse_mount_options(text))
+        except SettingsError as exc:
+            print(f"nbiafs: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        if settings:
+            args = build_parser(settings).parse_args(argv)
+        if args.verbose:
+            args.log_level = "DEBUG"
     try:
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, getattr(args, "log_file", None))
         return args.func(args) or 0
     except CliError as exc:
         print(f"nbiafs: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """The mount(8) helper: `mount -t fuse.nbiafs SOURCE DIR -o OPTS` (or an /etc/fstab line
+    `SOURCE DIR fuse.nbiafs OPTS 0 0`) runs `mount.fuse.nbiafs SOURCE DIR -o OPTS`. SOURCE is
+    the archive (`tcia`, `nlst` or a URL); the options are those of `nbiafs mount -o`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    positional, options = [], []
+    items = iter(argv)
+    for item in items:
+        if item == "-o":
+            options.append(next(items, ""))
+        elif item.startswith("-o"):
+            options.append(item[2:])
+        elif item in ("-t", "-N"):
+            next(items, None)  # the type and the namespace mount(8) passes along
+        elif item.startswith("-"):
+            continue  # -s (sloppy), -f (fake), -n (no mtab), -v (verbose)
+        else:
+            positional.append(item)
+    if len(positional) != 2:
+        print("usage: mount.fuse.nbiafs SOURCE MOUNTPOINT [-o OPTIONS]  (SOURCE: tcia, nlst or a URL)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    source, mountpoint = positional
+    args = ["mount", mountpoint]
+    if source not in ("nbiafs", "none"):
+        args += ["--url", source]
+    for text in options:
+        args += ["-o", text]
+    return main(args)

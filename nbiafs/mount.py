@@ -140,6 +140,8 @@ class Mount:
 
     def start_threads(self) -> None:
         """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
+        log.info("mounted %s at %s as %s", self.config.client.root_url, self.config.mountpoint,
+                 (self.client.user if self.client is not None else None) or "anonymous")
         if self.client is not None and self.client.auth is not None:
             self.client.auth.start()
         if self.prefetcher is not None:

@@ -145,11 +145,11 @@ class Prefetcher:
         fits = series_bytes <= self.cache.max_bytes // 2
         if len(rest) >= self.config.zip_min_instances and fits:
             claimed = self.cache.claim(key_of(uid, s) for s in rest)
-            log.info("prefetching series %s: %d instances as one zip", uid, len(claimed))
+            log.debug("prefetching series %s: %d instances as one zip", uid, len(claimed))
             threading.Thread(target=self._zip, args=(state, claimed), name="nbia-prefetch-zip",
                              daemon=True).start()
         else:
-            log.info("prefetching series %s: %d instances", uid, len(rest))
+            log.debug("prefetching series %s: %d instances", uid, len(rest))
             for sop in rest:
                 self._queue.put((state, sop))
 

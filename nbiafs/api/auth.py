@@ -173,7 +173,7 @@ class TokenAuth(requests.auth.AuthBase):
         self.refresh_grants += 1
         token = self._grant({"grant_type": "refresh_token", "refresh_token": refresh_token,
                              "client_id": REFRESH_CLIENT_ID})
-        log.debug("token refreshed")
+        log.info("token refreshed")
         return token
 
     def _grant(self, form: dict) -> _Token:

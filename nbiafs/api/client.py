@@ -113,6 +113,7 @@ class NbiaClient:
         self.config = config
         self._sleep = sleep
         self._clock = clock
+        self.failing = False  # the last call ran out of attempts: logged once, until one succeeds
         self.http = _Session(insecure=not config.verify_tls)
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=config.pool_size,
                                                 max_retries=0)
@@ -159,7 +160,7 @@ class NbiaClient:
         state: dict = {"deadline": deadline}
         for attempt in range(1, self.config.attempts + 1):
             try:
-                return attempt_fn(state)
+                result = attempt_fn(state)
             except _Retry as exc:
                 wait = exc.retry_after_s
                 if wait is None:
@@ -168,9 +169,18 @@ class NbiaClient:
                 if attempt == self.config.attempts or self._clock() + wait >= deadline:
                     if exc.integrity:
                         raise IntegrityError(f"{what}: {exc} (after {attempt} attempts)") from None
+                    if not self.failing:
+                        self.failing = True
+                        log.warning("the archive is not answering (%s: %s); calls fail with EIO until "
+                                    "it does", what, exc)
                     raise ArchiveUnavailable(what, attempt, str(exc)) from None
                 log.debug("%s: attempt %d failed (%s); retrying in %.2f s", what, attempt, exc, wait)
                 self._sleep(wait)
+                continue
+            if self.failing:
+                self.failing = False
+                log.info("the archive answers again")
+            return result
         raise AssertionError("unreachable: the last attempt raises")
 
     def _send(self, endpoint: str, params: dict, state: dict, stream: bool = False) -> requests.Response:
