@@ -19,6 +19,7 @@ total, spread in name order, so the sizes of a series always add up to
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -79,11 +80,44 @@ class Node:
 ROOT_NODE = Node(ROOT, "/")
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What part of the archive a mount shows (`--collection`, `--modality`, `--manifest`,
+    `--cart`); None is no restriction. Collections match case-insensitively, as the archive's
+    own filter does; `series` are exact SeriesInstanceUIDs with their (Collection, PatientID)."""
+    collections: frozenset | None = None       # lower-cased names
+    modalities: frozenset | None = None        # upper-cased
+    series: dict | None = None                 # SeriesInstanceUID -> (Collection, PatientID)
+
+    @functools.cached_property
+    def patients(self) -> frozenset:
+        """(Collection, PatientID) of the selected series."""
+        return frozenset((self.series or {}).values())
+
+    @property
+    def everything(self) -> bool:
+        return self.collections is None and self.modalities is None and self.series is None
+
+    def collection_ok(self, name: str) -> bool:
+        if self.collections is not None and name.lower() not in self.collections:
+            return False
+        return self.series is None or any(c == name for c, _ in self.series.values())
+
+    def series_ok(self, row: dict) -> bool:
+        if self.series is not None and row.get("SeriesInstanceUID") not in self.series:
+            return False
+        return self.modalities is None or str(row.get("Modality", "")).upper() in self.modalities
+
+
+EVERYTHING = Selection()
+
+
 class Catalog:
     def __init__(self, client: NbiaClient, store: MetadataStore, negative_ttl_s: float = 5.0,
-                 node_ttl_s: float = NODE_TTL_S):
+                 node_ttl_s: float = NODE_TTL_S, selection: Selection = EVERYTHING):
         self.client = client
         self.store = store
+        self.selection = selection
         self.negative_ttl_s = negative_ttl_s
         self._lock = threading.Lock()  # guards _memo, _nodes, _walks, _pool and the exact-size fields
         self._memo: dict[str, tuple[Any, Any]] = {}
@@ -176,23 +210,35 @@ class Catalog:
     # ------------------------------------------------------------------ children
     def children(self, node: Node, max_age_s=None) -> dict[str, Node]:
         """The entries of directory `node`, by escaped name (a dict, in name order)."""
+        sel = self.selection
         if node.kind == ROOT:
             key, value = "collections", self.collections(max_age_s)
             make = lambda v: [(naming.escape(c), node.child(COLLECTION, naming.escape(c),  # noqa: E731
                                                             {"Collection": c}, collection=c))
-                              for c in v]
+                              for c in v if sel.collection_ok(c)]
         elif node.kind == COLLECTION:
+            if not sel.collection_ok(node.collection):
+                raise NotFound(node.path)
             key, value = f"patients\0{node.collection}", self.patients(node.collection, max_age_s)
-            make = lambda v: self._named(node, PATIENT, v, "PatientId", "PatientID")  # noqa: E731
+            make = lambda v: self._named(  # noqa: E731
+                node, PATIENT, [p for p in v if self._patient_selected(node.collection, p)],
+                "PatientId", "PatientID")
         elif node.kind == PATIENT:
             key = f"studies\0{node.collection}\0{node.patient_id}"
             value = self.studies(node.collection, node.patient_id, max_age_s)
-            make = lambda v: self._named(node, STUDY, v, "StudyInstanceUID")  # noqa: E731
+            if sel.everything:
+                make = lambda v: self._named(node, STUDY, v, "StudyInstanceUID")  # noqa: E731
+            else:
+                chosen = {r.get("StudyInstanceUID") for r in self.patient_series(node.collection, node.patient_id)
+                          if sel.series_ok(r)}
+                make = lambda v: self._named(  # noqa: E731
+                    node, STUDY, [r for r in v if r.get("StudyInstanceUID") in chosen], "StudyInstanceUID")
+                key += "\0" + ",".join(sorted(c for c in chosen if c))
         elif node.kind == STUDY:
             key = f"series\0{node.collection}\0{node.patient_id}"
             value = self.patient_series(node.collection, node.patient_id, max_age_s)
             make = lambda v: self._named(  # noqa: E731
-                node, SERIES, [s for s in v if s.get("StudyInstanceUID") == node.study_uid],
+                node, SERIES, [s for s in v if s.get("StudyInstanceUID") == node.study_uid and sel.series_ok(s)],
                 "SeriesInstanceUID")
         elif node.kind == SERIES:
             key, value = f"instances\0{node.series_uid}", self.instances(node.series_uid, max_age_s)
@@ -204,6 +250,30 @@ class Catalog:
             raise NotFound(f"{node.path} is not a directory")
         return self._memoised(key + f"\0{node.kind}\0{node.study_uid}", value,
                               lambda v: dict(sorted(make(v))))
+
+    def _patient_selected(self, collection: str, record: dict) -> bool:
+        """Whether a patient has a series in the selection (always, without a selection)."""
+        sel = self.selection
+        if sel.modalities is None and sel.series is None:
+            return True
+        pid = models.as_str(record.get("PatientId", record.get("PatientID")))
+        if pid is None:
+            return False
+        if sel.series is not None and (collection, pid) not in sel.patients:
+            return False
+        if sel.modalities is None:
+            return True
+        if self.collection_wide(collection):  # the collection's series are one listing: free
+            return any(sel.series_ok(r) for r in self.patient_series(collection, pid))
+        return pid in self._patients_with_modalities(collection)
+
+    def _patients_with_modalities(self, collection: str) -> frozenset:
+        def fetch():
+            return sorted({pid for m in self.selection.modalities
+                           for pid in self.client.get_patients_by_modality(collection, m)})
+        ids = self.store.listing(f"patients-by-modality\0{collection}\0{','.join(sorted(self.selection.modalities))}",
+                                 fetch)
+        return self._memoised(f"modality-set\0{collection}", ids, frozenset)
 
     @staticmethod
     def _named(parent: Node, kind: str, records: list[dict], *id_keys) -> list:

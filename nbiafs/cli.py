@@ -113,6 +113,12 @@ def _add_mount(sub, defaults: dict) -> None:
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
+    p.add_argument("--collection", action="append", default=[], metavar="NAME",
+                   help="show only this collection (repeatable)")
+    p.add_argument("--modality", action="append", default=[], metavar="CT",
+                   help="show only series of this modality (repeatable)")
+    p.add_argument("--manifest", metavar="FILE.tcia", help="show only the series of a TCIA portal manifest")
+    p.add_argument("--cart", metavar="NAME", help="show only the series of a shared cart")
     p.add_argument("-o", dest="options", action="append", metavar="OPT[=VAL],…",
                    help="options as in fstab, e.g. -o cache_size=50G,timeout=30,allow_other")
     p.add_argument("--config", metavar="FILE", help="settings file (default: ~/.config/nbiafs/config.toml)")
@@ -241,9 +247,19 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
         client = replace(client, verify_tls=False)
     if getattr(args, "timeout", None):
         client = replace(client, metadata_budget_s=args.timeout, image_budget_s=args.timeout)
+    manifest = None
+    if getattr(args, "manifest", None):
+        from nbiafs.manifest import ManifestError, parse_manifest
+        try:
+            manifest = tuple(parse_manifest(Path(args.manifest).expanduser()))
+        except ManifestError as exc:
+            raise CliError(str(exc)) from None
     return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),
                        client=client, cache=cache, prefetch=prefetch,
-                       user=args.user, foreground=args.foreground, allow_other=args.allow_other)
+                       user=args.user, foreground=args.foreground, allow_other=args.allow_other,
+                       collections=tuple(getattr(args, "collection", ()) or ()),
+                       modalities=tuple(getattr(args, "modality", ()) or ()),
+                       manifest_series=manifest, cart=getattr(args, "cart", None))
 
 
 def run_mount(args) -> int:

@@ -56,3 +56,8 @@ class MountConfig:
     foreground: bool = False
     allow_other: bool = False
     entry_timeout_s: float = 1.0     # kernel caching of names; attributes are never cached (attr_timeout=0)
+    # What the mount shows (all when empty): --collection, --modality, --manifest, --cart
+    collections: tuple = ()
+    modalities: tuple = ()
+    manifest_series: tuple | None = None   # SeriesInstanceUIDs of a .tcia manifest
+    cart: str | None = None

@@ -23,7 +23,7 @@ from pathlib import Path
 from nbiafs.api.auth import resolve_credentials
 from nbiafs.api.client import NbiaClient
 from nbiafs.blobcache import InstanceCache
-from nbiafs.catalog import Catalog
+from nbiafs.catalog import Catalog, Selection
 from nbiafs.config import MountConfig
 from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError, UntrustedCertificate
 from nbiafs.filesystem import NbiaFilesystem
@@ -87,9 +87,10 @@ def prepare_cache_dir(path: Path) -> Path:
 class Mount:
     """Everything one mount owns. `start()` logs in and opens caches; `stop()` undoes it."""
 
-    def __init__(self, config: MountConfig, client: NbiaClient | None = None):
+    def __init__(self, config: MountConfig, client: NbiaClient | None = None, on_mounted=None):
         self.config = config
         self.client = client
+        self._on_mounted = on_mounted
         self.fs: NbiaFilesystem | None = None
         self._store: MetadataStore | None = None
         self._cache: InstanceCache | None = None
@@ -126,7 +127,8 @@ class Mount:
         self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
                                     config.cache.memory_records)
         self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
-        catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s)
+        catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s,
+                          selection=self._selection(config))
         self.prefetcher = Prefetcher(self._cache, self.client, config.prefetch,
                                      on_stored=catalog.record_exact_size)
         self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher, status=self.status_text)
@@ -135,11 +137,39 @@ class Mount:
                                      self.prefetcher if config.prefetch.enabled else None, self.fs.errors)
         return self.fs
 
+    def _selection(self, config: MountConfig) -> Selection:
+        """The part of the archive to show; manifests and carts are resolved to their series'
+        (Collection, PatientID) here, once (cached with the listings)."""
+        series = None
+        if config.cart is not None:
+            rows = self._store.listing(f"cart\0{config.cart}", lambda: [
+                [s.series_uid, s.collection, s.patient_id] for s in self.client.get_contents_by_name(config.cart)])
+            series = {uid: (c, p) for uid, c, p in rows if c and p}
+            if not series:
+                raise MountError(f"cart {config.cart!r} is empty or not shared with "
+                                 f"{self.client.user or 'anonymous users'}")
+        if config.manifest_series is not None:
+            found = resolve_series(self.client, self._store, config.manifest_series)
+            missing = len(config.manifest_series) - len(found)
+            if not found:
+                raise MountError(f"none of the {len(config.manifest_series)} series of the manifest is in the "
+                                 f"archive for {self.client.user or 'anonymous users'}")
+            if missing:
+                log.warning("%d of the %d series of the manifest are not in the archive (or not visible "
+                            "to %s): not shown", missing, len(config.manifest_series), self.client.user)
+            series = found if series is None else {u: v for u, v in series.items() if u in found}
+        return Selection(
+            collections=frozenset(c.lower() for c in config.collections) or None,
+            modalities=frozenset(m.upper() for m in config.modalities) or None,
+            series=series)
+
     def status_text(self) -> str:
         return render_status(self._status)
 
     def start_threads(self) -> None:
         """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
+        if self._on_mounted is not None:
+            self._on_mounted()
         log.info("mounted %s at %s as %s", self.config.client.root_url, self.config.mountpoint,
                  (self.client.user if self.client is not None else None) or "anonymous")
         if self.client is not None and self.client.auth is not None:
@@ -174,6 +204,27 @@ class Mount:
             self._scope_lock = None
 
 
+RESOLVE_CONNECTIONS = 8
+
+
+def resolve_series(client: NbiaClient, store: MetadataStore, uids) -> dict:
+    """SeriesInstanceUID -> (Collection, PatientID) for the series the archive shows this user,
+    asked 8 at a time (one getSeries each), remembered with the listings."""
+    import concurrent.futures
+
+    def one(uid):
+        rows = store.listing(f"series-record\0{uid}", lambda: [
+            [s.collection, s.patient_id] for s in client.get_series(series_uid=uid) if s.series_uid == uid])
+        return uid, (tuple(rows[0]) if rows and rows[0][0] and rows[0][1] else None)
+
+    with concurrent.futures.ThreadPoolExecutor(RESOLVE_CONNECTIONS, "nbia-resolve") as pool:
+        try:
+            results = list(pool.map(one, list(dict.fromkeys(uids))))
+        except NbiaError as exc:
+            raise MountError(f"cannot resolve the manifest's series: {exc}") from None
+    return {uid: where for uid, where in results if where is not None}
+
+
 def limit_malloc_arenas() -> None:
     """glibc gives each thread its own malloc arena (up to 8 per core); with the FUSE, prefetch
     and listing threads that fragments into hundreds of MB of RSS. Two arenas are plenty."""
@@ -202,7 +253,13 @@ def run(config: MountConfig) -> None:
     raise_open_file_limit()
     check_fuse()
     check_mountpoint(config.mountpoint)
-    mount = Mount(config)
+    # At the default level (INFO), starting is quiet: a failure is its one-line message, and
+    # the first line logged is "mounted …" (from FUSE init). -v (DEBUG) shows everything.
+    root_logger = logging.getLogger()
+    quiet_start = root_logger.level == logging.INFO
+    if quiet_start:
+        root_logger.setLevel(logging.WARNING)
+    mount = Mount(config, on_mounted=(lambda: root_logger.setLevel(logging.INFO)) if quiet_start else None)
     mount.start()
     try:
         from fuse import FUSE
