@@ -240,7 +240,7 @@ class InstanceCache:
         """Instances stored."""
         return len(self._cache)
 
-    def in_flight(self) -> int:
+    def downloads_in_flight(self) -> int:
         """Downloads under way (opens and prefetch)."""
         with self._lock:
             return len(self._flights)

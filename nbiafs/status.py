@@ -96,7 +96,7 @@ def render_status(src: StatusSources) -> str:
     lines.append(f"opens:      {opens} served, {cache.hits} from the cache (hit rate {rate})")
     queued = src.prefetcher.queued() if src.prefetcher is not None else 0
     zips = src.prefetcher.stats["zips"] if src.prefetcher is not None else 0
-    lines.append(f"downloads:  {cache.downloads} done, {cache.in_flight()} in flight, {queued} queued "
+    lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
                  f"for prefetch, {zips} series zips")
     lines.append(f"errors:     {src.errors.count}" + (f" (last: {src.errors.last})" if src.errors.last else ""))
     return "\n".join(lines) + "\n"

@@ -106,5 +106,7 @@ def test_soak_readers_and_ls_for_a_minute(nbia_archive_factory, mount_factory):
     assert min(reads) > 0 and walks[0] > 0
     assert downloads.get("getSingleImage", 0) + downloads.get("getImage", 0) > len(truth)  # refetched
     assert end["rss"] <= peak["rss"] * 1.10 + (8 << 20), (peak, end)
-    assert end["threads"] <= peak["threads"] + 2, (peak, end)
-    assert end["fds"] <= peak["fds"] + 6, (peak, end)
+    # libfuse starts and ends threads with the load, and each thread holds its own SQLite
+    # connections: both move a little; a leak per read or per download would add thousands.
+    assert end["threads"] <= peak["threads"] + 4, (peak, end)
+    assert end["fds"] <= peak["fds"] * 1.10 + 8, (peak, end)
