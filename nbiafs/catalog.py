@@ -101,7 +101,7 @@ class Selection:
     def collection_ok(self, name: str) -> bool:
         if self.collections is not None and name.lower() not in self.collections:
             return False
-        return self.series is None or any(c == name for c, _ in self.series.values())
+        return self.series is None or any(c == name for c, _ in self.patients)
 
     def series_ok(self, row: dict) -> bool:
         if self.series is not None and row.get("SeriesInstanceUID") not in self.series:

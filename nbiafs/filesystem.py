@@ -65,6 +65,7 @@ def inode(path: str) -> int:
 
 STATUS_DIR_PATH = f"/{STATUS_DIR}"
 STATUS_PATH = f"/{STATUS_DIR}/{STATUS_FILE}"
+STATUS_PATHS = (STATUS_DIR_PATH, STATUS_PATH)
 
 
 class NbiaFilesystem:
@@ -87,9 +88,12 @@ class NbiaFilesystem:
         self._handles_lock = threading.Lock()  # guards _handles
         self._next_fh = itertools.count(1)
 
+    def _is_status(self, path: str) -> bool:
+        return self.status is not None and path in STATUS_PATHS
+
     # ------------------------------------------------------------------ attributes
     def getattr(self, path: str) -> dict:
-        if self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH):
+        if self._is_status(path):
             return self._status_attributes(path)
         return self.attributes(self.catalog.resolve(path))
 
@@ -182,12 +186,12 @@ class NbiaFilesystem:
 
     # ------------------------------------------------------------------ extended attributes
     def listxattr(self, path: str) -> list[str]:
-        if self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH):
+        if self._is_status(path):
             return []
         return list(self._xattrs(self.catalog.resolve(path)))
 
     def getxattr(self, path: str, name: str) -> bytes:
-        if self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH):
+        if self._is_status(path):
             raise NoAttribute(f"{path}: no attribute {name}")
         xattrs = self._xattrs(self.catalog.resolve(path)) if name.startswith("user.") else {}
         if name not in xattrs:
@@ -215,7 +219,7 @@ class NbiaFilesystem:
                 "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
 
     def access(self, path: str, mode: int) -> None:
-        if not (self.status is not None and path in (STATUS_DIR_PATH, STATUS_PATH)):
+        if not self._is_status(path):
             self.catalog.resolve(path)
         if mode & os.W_OK:
             raise ReadOnly(f"{path}: read-only filesystem")

@@ -110,13 +110,12 @@ def write_scope_record(scope: Path, root_url: str, api: str, user: str | None) -
 
 
 @contextlib.contextmanager
-def scope_lock(scope: Path, exclusive: bool):
-    """Shared: held by a mount for its lifetime. Exclusive (non-blocking): to clear it.
-    Yields False when the lock is held elsewhere."""
+def unused_scope(scope: Path):
+    """Yields whether no running mount holds `scope` (see `hold_scope`), keeping it so."""
     fd = os.open(scope / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
@@ -181,7 +180,7 @@ def clear_scopes(infos: list[ScopeInfo]) -> tuple[list[ScopeInfo], list[ScopeInf
     """Delete each scope not held by a running mount; returns (cleared, in use)."""
     cleared, busy = [], []
     for s in infos:
-        with scope_lock(s.path, exclusive=True) as free:
+        with unused_scope(s.path) as free:
             if not free:
                 busy.append(s)
                 continue

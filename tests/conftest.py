@@ -20,14 +20,19 @@ def public_series(archive):
     return [s for s in archive.index.iter_series("nbia_guest")]
 
 
-@pytest.fixture(scope="module")
-def mounted(nbia_archive_server, tmp_path_factory):
-    """One mount for a test module; fails the module if the daemon logged a traceback."""
-    base = tmp_path_factory.mktemp("mount")
-    m = MountedArchive(nbia_archive_server.url, base / "mnt", base / "cache", base / "daemon.log")
+def checked_mount(url: str, base):
+    """For module fixtures (`yield from`): a mount under `base`, unmounted at teardown, which
+    fails the module if the daemon logged a traceback."""
+    m = MountedArchive(url, base / "mnt", base / "cache", base / "daemon.log")
     yield m
     log = m.stop()
     assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def mounted(nbia_archive_server, tmp_path_factory):
+    """One mount of the session's archive for a test module."""
+    yield from checked_mount(nbia_archive_server.url, tmp_path_factory.mktemp("mount"))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import checked_mount, need
 
 from nbiafs import catalog as catalog_module
 from nbiafs import naming
@@ -19,7 +19,6 @@ from nbiafs.archive.server import LocalArchive
 from nbiafs.archive.synth import ESCAPE_SOP_UID, HOSTILE_COLLECTION, HOSTILE_PATIENT_IDS
 from nbiafs.catalog import Catalog, ROOT_NODE
 from nbiafs.metastore import MetadataStore
-from nbiafs.testing import MountedArchive
 
 pytestmark = pytest.mark.mount
 
@@ -33,11 +32,7 @@ def hostile(nbia_archive_data):
 
 @pytest.fixture(scope="module")
 def mounted_hostile(hostile, tmp_path_factory):
-    base = tmp_path_factory.mktemp("hostile")
-    m = MountedArchive(hostile.url, base / "mnt", base / "cache", base / "daemon.log")
-    yield m
-    log = m.stop()
-    assert "Traceback" not in log, log[-4000:]
+    yield from checked_mount(hostile.url, tmp_path_factory.mktemp("hostile"))
 
 
 def patient_series(archive, collection, patient_id):
