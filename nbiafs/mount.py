@@ -142,8 +142,11 @@ class Mount:
         (Collection, PatientID) here, once (cached with the listings)."""
         series = None
         if config.cart is not None:
-            rows = self._store.listing(f"cart\0{config.cart}", lambda: [
-                [s.series_uid, s.collection, s.patient_id] for s in self.client.get_contents_by_name(config.cart)])
+            try:
+                rows = self._store.listing(f"cart\0{config.cart}", lambda: [
+                    [s.series_uid, s.collection, s.patient_id] for s in self.client.get_contents_by_name(config.cart)])
+            except NbiaError as exc:
+                raise MountError(f"cannot read cart {config.cart!r}: {exc}") from None
             series = {uid: (c, p) for uid, c, p in rows if c and p}
             if not series:
                 raise MountError(f"cart {config.cart!r} is empty or not shared with "

@@ -107,3 +107,15 @@ def test_unknown_cart_is_one_line(nbia_archive, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "cart 'no-such-cart' is empty" in res.stderr
     assert not os.path.ismount(mnt)
+
+
+def test_cart_unreadable_because_the_archive_fails_is_one_line(nbia_archive, tmp_path):
+    nbia_archive.set_faults(corrupt_json=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run([sys.executable, "-m", "nbiafs", "mount", str(mnt), "--url", nbia_archive.url,
+                          "--cache-dir", str(tmp_path / "c"), "--cart", "nbia-demo-cart", "--timeout", "2", "-f"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "cannot read cart 'nbia-demo-cart'" in res.stderr and "Traceback" not in res.stderr
+    assert not os.path.ismount(mnt)
