@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0  # how often reads are told to diskcache's LRU order
 MIN_FREE_FRACTION = 0.05  # keep 5 % of the disk free (the anchors keep 5-10 %)
+ADOPT_ATTEMPTS = 10  # renames into a cache directory that a concurrent eviction removed
 
 
 class _Adopt:
@@ -46,8 +47,17 @@ class _AdoptingDisk(diskcache.Disk):
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if isinstance(value, _Adopt):
             filename, full_path = self.filename(key, value)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            os.rename(value.path, full_path)
+            # Evicting a file removes its directories once they are empty (Disk.remove), so a
+            # directory made here can vanish before the rename: make it again, as diskcache's
+            # own writer does.
+            for attempt in range(1, ADOPT_ATTEMPTS + 1):
+                os.makedirs(os.path.dirname(full_path), exist_ok=True)
+                try:
+                    os.rename(value.path, full_path)
+                    break
+                except FileNotFoundError:
+                    if attempt == ADOPT_ATTEMPTS or not os.path.exists(value.path):
+                        raise
             return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)
 

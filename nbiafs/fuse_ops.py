@@ -34,9 +34,11 @@ def _errno_boundary(method):
                 log.debug("%s %s: %s", method.__name__, args[0] if args else "", exc)
             raise FuseOSError(exc.errno) from None
         except OSError as exc:
+            # A local failure (the cache's disk): EIO. Its own errno would mislead: a cache
+            # file missing under a name that exists is not ENOENT for the path asked.
             log.warning("%s %s: %s", method.__name__, args[0] if args else "", exc)
             self.fs.errors.note(method.__name__, args[0] if args else "", str(exc))
-            raise FuseOSError(exc.errno if exc.errno and exc.errno > 0 else errno.EIO) from None
+            raise FuseOSError(errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s %s; answering EIO", method.__name__,
                           args[0] if args else "")

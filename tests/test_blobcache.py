@@ -68,3 +68,55 @@ def test_failed_download_keeps_nothing(tmp_path):
     assert not cache.contains("s/1")
     assert os.listdir(tmp_path / "partial") == []
     cache.close()
+
+
+def test_store_survives_an_eviction_removing_its_directory(tmp_path, monkeypatch):
+    """Evicting a file removes its directories once empty (diskcache's Disk.remove); when that
+    happens between making the directory of a new entry and renaming the file into it, the
+    entry is stored anyway (once this surfaced as ENOENT on open under load)."""
+    import nbiafs.blobcache as blobcache
+    real_makedirs = os.makedirs
+    removed = []
+
+    def makedirs_then_evicted(path, *args, **kwargs):
+        real_makedirs(path, *args, **kwargs)
+        if not removed and os.path.dirname(os.path.dirname(path)) == str(tmp_path / "blobs"):
+            os.removedirs(path)  # what a concurrent eviction in that directory does
+            removed.append(path)
+
+    monkeypatch.setattr(blobcache.os, "makedirs", makedirs_then_evicted)
+    cache = InstanceCache(tmp_path, max_bytes=10**7, min_free_bytes=0)
+    handle, downloaded = cache.open("s/1", writer(b"z" * 5000))
+    assert removed and downloaded and handle.read() == b"z" * 5000
+    handle.close()
+    again, downloaded = cache.open("s/1", writer(b"other"))
+    assert not downloaded and again.read() == b"z" * 5000
+    again.close()
+    cache.close()
+
+
+def test_concurrent_stores_and_evictions(tmp_path):
+    """8 threads storing and evicting at once through a cache that holds a tenth of them."""
+    import threading
+    cache = InstanceCache(tmp_path, max_bytes=200_000, min_free_bytes=0)
+    errors = []
+
+    def work(t):
+        for k in range(150):
+            body = bytes([t, k % 256]) * 1000
+            try:
+                handle, _ = cache.open(f"s/{t}/{k}", writer(body))
+                with handle:
+                    if handle.read() != body:
+                        errors.append(f"{t}/{k}: wrong bytes")
+            except OSError as exc:
+                errors.append(f"{t}/{k}: {exc}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert cache.volume() <= 200_000
+    cache.close()
