@@ -47,6 +47,7 @@ EXACT_SERIES_IN_MEMORY = 16384   # series whose exact sizes are held in memory
 # each (LIDC-IDRI: 1,010 patients, 1,308 series); larger ones (NLST: 26,254) patient by patient.
 COLLECTION_WIDE_MAX_PATIENTS = 2000
 WALK_CONNECTIONS = 8  # listings fetched at once when a tree walk is evident
+NAME_STYLES = ("uid", "readable")  # --names: study and series folders by UID, or readable
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,13 @@ EVERYTHING = Selection()
 
 class Catalog:
     def __init__(self, client: NbiaClient, store: MetadataStore, negative_ttl_s: float = 5.0,
-                 node_ttl_s: float = NODE_TTL_S, selection: Selection = EVERYTHING):
+                 node_ttl_s: float = NODE_TTL_S, selection: Selection = EVERYTHING, names: str = "uid"):
+        if names not in NAME_STYLES:
+            raise ValueError(f"names must be one of {', '.join(NAME_STYLES)}")
         self.client = client
         self.store = store
         self.selection = selection
+        self.readable = names == "readable"
         self.negative_ttl_s = negative_ttl_s
         self._lock = threading.Lock()  # guards _memo, _nodes, _walks, _pool and the exact-size fields
         self._memo: dict[str, tuple[Any, Any]] = {}
@@ -210,11 +214,21 @@ class Catalog:
     # ------------------------------------------------------------------ children
     def children(self, node: Node, max_age_s=None) -> dict[str, Node]:
         """The entries of directory `node`, by escaped name (a dict, in name order)."""
+        return self._entries(node, max_age_s)[0]
+
+    def child(self, node: Node, name: str, max_age_s=None) -> Node | None:
+        """The entry `name` of directory `node`: a listed name or, with readable names, the UID
+        name of a study or series (resolved, never listed)."""
+        listed, aliases = self._entries(node, max_age_s)
+        return listed.get(name) or aliases.get(name)
+
+    def _entries(self, node: Node, max_age_s=None) -> tuple[dict[str, Node], dict[str, Node]]:
+        """(listed entries by name, in name order; UID names of readable entries)."""
         sel = self.selection
         if node.kind == ROOT:
             key, value = "collections", self.collections(max_age_s)
             make = lambda v: [(naming.escape(c), node.child(COLLECTION, naming.escape(c),  # noqa: E731
-                                                            {"Collection": c}, collection=c))
+                                                            {"Collection": c}, collection=c), True)
                               for c in v if sel.collection_ok(c)]
         elif node.kind == COLLECTION:
             if not sel.collection_ok(node.collection):
@@ -244,12 +258,16 @@ class Catalog:
             key, value = f"instances\0{node.series_uid}", self.instances(node.series_uid, max_age_s)
             make = lambda v: [(naming.instance_file_name(sop), node.child(  # noqa: E731
                 INSTANCE, naming.instance_file_name(sop),
-                {"SOPInstanceUID": sop, "SeriesInstanceUID": node.series_uid}, sop_uid=sop))
+                {"SOPInstanceUID": sop, "SeriesInstanceUID": node.series_uid}, sop_uid=sop), True)
                 for sop in v]
         else:
             raise NotFound(f"{node.path} is not a directory")
-        return self._memoised(key + f"\0{node.kind}\0{node.study_uid}", value,
-                              lambda v: dict(sorted(make(v))))
+
+        def derive(v):
+            entries = make(v)
+            return (dict(sorted((name, n) for name, n, listed in entries if listed)),
+                    {name: n for name, n, listed in entries if not listed})
+        return self._memoised(key + f"\0{node.kind}\0{node.path}", value, derive)
 
     def _patient_selected(self, collection: str, record: dict) -> bool:
         """Whether a patient has a series in the selection (always, without a selection)."""
@@ -275,17 +293,29 @@ class Catalog:
                                  fetch)
         return self._memoised(f"modality-set\0{collection}", ids, frozenset)
 
-    @staticmethod
-    def _named(parent: Node, kind: str, records: list[dict], *id_keys) -> list:
+    def _named(self, parent: Node, kind: str, records: list[dict], *id_keys) -> list:
+        """[(name, node, listed)] of records named by their ID; with readable names, studies and
+        series are listed by their readable name and also reachable, unlisted, by their ID."""
         id_field = {PATIENT: "patient_id", STUDY: "study_uid", SERIES: "series_uid"}[kind]
-        out, seen = [], set()
+        chosen: dict[str, dict] = {}
         for record in records:
             ident = next((models.as_str(record.get(k)) for k in id_keys if record.get(k) is not None), None)
-            if ident is None or ident in seen:
-                continue  # a record without its ID cannot be a path; a duplicate shows once
-            seen.add(ident)
+            if ident is not None and ident not in chosen:
+                chosen[ident] = record  # a record without its ID cannot be a path; a duplicate shows once
+        readable = {}
+        if self.readable and kind in (STUDY, SERIES):
+            label = naming.study_label if kind == STUDY else naming.series_label
+            readable = naming.readable_names({ident: label(r) for ident, r in chosen.items()})
+        out = []
+        for ident, record in chosen.items():
             name = naming.escape(ident)
-            out.append((name, parent.child(kind, name, record, **{id_field: ident})))
+            if ident in readable:
+                shown = readable[ident]
+                out.append((shown, parent.child(kind, shown, record, **{id_field: ident}), True))
+                if name != shown:
+                    out.append((name, parent.child(kind, name, record, **{id_field: ident}), False))
+            else:
+                out.append((name, parent.child(kind, name, record, **{id_field: ident}), True))
         return out
 
     def _memoised(self, key: str, value, derive: Callable):
@@ -316,15 +346,15 @@ class Catalog:
         for name in (p for p in path.split("/") if p):
             if not node.is_dir:
                 raise NotFound(path)
-            kids = self.children(node)
-            if name not in kids:
+            found = self.child(node, name)
+            if found is None:
                 age = self._listing_age(node)
                 if age is None or age < self.negative_ttl_s:
                     raise NotFound(path)
-                kids = self.children(node, max_age_s=self.negative_ttl_s)  # maybe new: ask once
-                if name not in kids:
+                found = self.child(node, name, max_age_s=self.negative_ttl_s)  # maybe new: ask once
+                if found is None:
                     raise NotFound(path)
-            node = kids[name]
+            node = found
         return node
 
     def _listing_age(self, node: Node) -> float | None:

@@ -119,6 +119,11 @@ def _add_mount(sub, defaults: dict) -> None:
                    help="show only series of this modality (repeatable)")
     p.add_argument("--manifest", metavar="FILE.tcia", help="show only the series of a TCIA portal manifest")
     p.add_argument("--cart", metavar="NAME", help="show only the series of a shared cart")
+    p.add_argument("--names", choices=["uid", "readable"], default="uid",
+                   help="study and series folders by UID (default) or readable: "
+                        "'<date> <description> [<UID digits>]'; UID paths resolve either way")
+    p.add_argument("--previews", action="store_true",
+                   help="a .preview.png (middle slice) in each series folder")
     p.add_argument("-o", dest="options", action="append", metavar="OPT[=VAL],…",
                    help="options as in fstab, e.g. -o cache_size=50G,timeout=30,allow_other")
     p.add_argument("--config", metavar="FILE", help="settings file (default: ~/.config/nbiafs/config.toml)")
@@ -247,6 +252,9 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
         client = replace(client, verify_tls=False)
     if getattr(args, "timeout", None):
         client = replace(client, metadata_budget_s=args.timeout, image_budget_s=args.timeout)
+    names = getattr(args, "names", "uid")
+    if names not in ("uid", "readable"):  # from a config file or -o, which argparse does not check
+        raise CliError(f"names = {names!r}: use uid or readable")
     manifest = None
     if getattr(args, "manifest", None):
         from nbiafs.manifest import ManifestError, parse_manifest
@@ -259,7 +267,8 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
                        user=args.user, foreground=args.foreground, allow_other=args.allow_other,
                        collections=tuple(getattr(args, "collection", ()) or ()),
                        modalities=tuple(getattr(args, "modality", ()) or ()),
-                       manifest_series=manifest, cart=getattr(args, "cart", None))
+                       manifest_series=manifest, cart=getattr(args, "cart", None),
+                       names=names, previews=getattr(args, "previews", False))
 
 
 def run_mount(args) -> int:

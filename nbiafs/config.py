@@ -61,3 +61,5 @@ class MountConfig:
     modalities: tuple = ()
     manifest_series: tuple | None = None   # SeriesInstanceUIDs of a .tcia manifest
     cart: str | None = None
+    names: str = "uid"               # --names: study and series folders by UID or readable
+    previews: bool = False           # --previews: .preview.png in each series folder

@@ -68,3 +68,72 @@ def unescape(name: str) -> str:
 
 def instance_file_name(sop_uid: str) -> str:
     return escape(sop_uid, NAME_MAX - len(".dcm")) + ".dcm"
+
+
+# ---------------------------------------------------------------------- readable names
+# `--names readable` (docs/SEMANTICS.md, "Readable names"): a study or series folder is named
+# for what it holds, followed by the last digits of its UID:
+#     2000-01-01 CT CHEST ABD W CONTRAST [338421]
+#     2 CT ARTERIAL PHASE [770712]
+# Fields the archive leaves empty are left out. The digits are the last UID_DIGITS characters
+# of the UID without its dots; when two siblings' names still collide, both show more, up to
+# the whole UID. Names depend only on the listing, so they are the same in every mount.
+UID_DIGITS = 6
+
+
+def study_label(record: dict) -> str:
+    return _words(_date(record.get("StudyDate")), record.get("StudyDescription"))
+
+
+def series_label(record: dict) -> str:
+    return _words(record.get("SeriesNumber"), record.get("Modality"), record.get("SeriesDescription"))
+
+
+def readable_names(labels: dict[str, str]) -> dict[str, str]:
+    """{UID: label} of siblings -> {UID: escaped name}, each unique among them."""
+    digits = {uid: UID_DIGITS for uid in labels}
+    while True:
+        names = {uid: _readable(label, uid, digits[uid]) for uid, label in labels.items()}
+        holders: dict[str, list[str]] = {}
+        for uid, name in names.items():
+            holders.setdefault(name, []).append(uid)
+        clashes = [uids for uids in holders.values() if len(uids) > 1]
+        if not clashes:
+            return names
+        grew = False
+        for uids in clashes:
+            for uid in uids:
+                if digits[uid] is not None:  # None: the whole UID, dots included
+                    digits[uid] = None if digits[uid] >= len(uid.replace(".", "")) else digits[uid] * 2
+                    grew = True
+        if not grew:  # only the same label and the same whole UID: cannot be (UIDs are unique)
+            return names
+
+
+def _readable(label: str, uid: str, digits: int | None) -> str:
+    tag = uid if digits is None else uid.replace(".", "")[-digits:]
+    suffix = _escape(f" [{tag}]" if label else f"[{tag}]")
+    room = NAME_MAX - len(suffix.encode("utf-8"))
+    if room <= 0:
+        return escape(uid)  # a UID of more than 240 bytes: its own (escaped, shortened) name
+    head = _escape(label)
+    while len(head.encode("utf-8")) > room:  # cut the label, never the UID's digits
+        label = label[:-1]
+        head = _escape(label)
+    return head.rstrip() + suffix if label else suffix.lstrip()
+
+
+def _words(*values) -> str:
+    return " ".join(" ".join(str(v).split()) for v in values if v is not None and str(v).strip())
+
+
+def _date(text) -> str | None:
+    """`2015-05-27 00:00:00.0` or `05-27-2015` -> `2015-05-27`; anything else as it is."""
+    if not text:
+        return None
+    text = str(text)
+    if len(text) >= 10 and text[4] == "-" and text[7] == "-":
+        return text[:10]
+    if len(text) >= 10 and text[2] == "-" and text[5] == "-":
+        return f"{text[6:10]}-{text[:2]}-{text[3:5]}"
+    return text

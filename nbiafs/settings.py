@@ -38,6 +38,7 @@ MOUNT_SETTINGS = {
     "url": "str", "api": "str", "user": "str", "cache_dir": "str", "cache_size": "str",
     "insecure": "bool", "timeout": "float", "log_level": "str", "log_file": "str",
     "connections": "int", "no_prefetch": "bool", "allow_other": "bool", "foreground": "bool",
+    "names": "str", "previews": "bool",
 }
 IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail",
                          "_netdev", "nosuid", "nodev", "noexec", "exec", "suid", "dev", "noatime",

@@ -193,6 +193,7 @@ HOSTILE_PATIENT_IDS = [".", "..", "", "a/b", "a%2Fb", "%", "L" * 300, "Ünïcød
                        "CASE-001", "case-001", "-rf", "*?[]"]
 
 ESCAPE_SOP_UID = "../../../../../../tmp/nbiafs-escape"
+NAMES_TWIN_SUFFIX = "777123456"
 
 
 def _add_hostile_cases(spec, rng, collections):
@@ -206,7 +207,10 @@ def _add_hostile_cases(spec, rng, collections):
     - a series whose ImageCount/ObjectCount claim two instances more than
       getSOPInstanceUIDs lists, and one claiming one fewer;
     - an instance whose SOPInstanceUID in the archive's records is a relative path
-      climbing out of wherever it is joined (`ESCAPE_SOP_UID`).
+      climbing out of wherever it is joined (`ESCAPE_SOP_UID`);
+    - a study (NAMES-001) whose readable names are awkward: a description with `/` and a
+      line break, two series alike in number, modality and description whose UIDs end in
+      the same digits (`NAMES_TWIN_SUFFIX`), one with a 300-character description.
     Files keep DICOM-valid header values (the archive's records are what is hostile)."""
     coll = {"Collection": HOSTILE_COLLECTION, "restricted": False, "LicenseName": LICENSE[0],
             "LicenseURI": LICENSE[1], "CollectionURI": "https://doi.org/10.0000/NBIAFS.PH",
@@ -231,7 +235,22 @@ def _add_hostile_cases(spec, rng, collections):
     climbing = escape["studies"][0]["series"][0]["instances"][0]
     climbing["DicomSOPInstanceUID"] = climbing["SOPInstanceUID"]
     climbing["SOPInstanceUID"] = ESCAPE_SOP_UID
-    coll["patients"] += [dup_a, dup_b, counts, escape]
+    names = _plan_patient(spec, rng, HOSTILE_COLLECTION, "NAMES-001", "CT", n_studies=1)
+    study = names["studies"][0]
+    study["StudyDescription"] = "CT/PET\nFOLLOW-UP"
+    twin_a = study["series"][0]
+    twin_a.update(SeriesInstanceUID=f"{UID_ROOT}1.{NAMES_TWIN_SUFFIX}", SeriesNumber=5,
+                  SeriesDescription="AXIAL/CORONAL")
+    twin_b = _plan_series(spec, rng, HOSTILE_COLLECTION, "NAMES-001", study, 5, "CT", spec.instances,
+                          twin_a["lesion"], description="AXIAL/CORONAL")
+    twin_b.update(SeriesInstanceUID=f"{UID_ROOT}2.{NAMES_TWIN_SUFFIX}", SeriesNumber=5)
+    for s in (twin_a, twin_b):
+        s["instances"] = [_plan_instance(spec, s["SeriesInstanceUID"], i) for i in range(spec.instances)]
+    long_one = _plan_series(spec, rng, HOSTILE_COLLECTION, "NAMES-001", study, 6, "CT", spec.instances,
+                            twin_a["lesion"], description="VERY LONG " * 30)
+    long_one["DicomSeriesDescription"] = "VERY LONG"  # the file stays valid (LO: 64 characters)
+    study["series"] += [twin_b, long_one]
+    coll["patients"] += [dup_a, dup_b, counts, escape, names]
     lower = {**coll, "Collection": HOSTILE_COLLECTION.lower(), "patients": [
         _plan_patient(spec, rng, HOSTILE_COLLECTION.lower(), "CASE-001", "MR", n_studies=1)]}
     collections += [coll, lower]
@@ -340,7 +359,7 @@ def build_dataset(spec, coll, patient, study, series, inst, idx, n, pad=0) -> Da
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = study["StudyDescription"]
     if "SeriesDescription" in series:
-        ds.SeriesDescription = series["SeriesDescription"]
+        ds.SeriesDescription = series.get("DicomSeriesDescription", series["SeriesDescription"])
     ds.ManufacturerModelName = series["ManufacturerModelName"]
     ds.PatientName = patient.get("DicomPatientID", patient["PatientName"])
     ds.PatientID = patient.get("DicomPatientID", patient["PatientID"])
