@@ -126,8 +126,9 @@ class InstanceCache:
             if handle is not None:
                 handle.close()
 
-    def open(self, key: str, fetch: Callable[[BinaryIO], int]) -> tuple[BinaryIO, bool]:
-        """An open read handle on the instance `key`, fetched first if needed.
+    def open(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool = True) -> tuple[BinaryIO, bool]:
+        """An open read handle on the instance `key`, fetched first if needed (`counted`: in
+        the hits and downloads of instances; a preview is not an instance).
 
         If a download of `key` is under way (by another open, or a bulk transfer that
         claimed it), wait for it; if that one ends without the instance, fetch it here.
@@ -136,7 +137,7 @@ class InstanceCache:
         while True:
             handle = self._get(key)
             if handle is not None:
-                self.hits += 1
+                self.hits += counted
                 return handle, False
             with self._lock:
                 flight = self._flights.get(key)
@@ -161,7 +162,7 @@ class InstanceCache:
                     except BaseException:
                         handle.close()
                         raise
-                self.downloads += 1
+                self.downloads += counted
             except BaseException as exc:
                 flight.error = exc
                 raise

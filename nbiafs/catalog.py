@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ROOT, COLLECTION, PATIENT, STUDY, SERIES, INSTANCE = (
     "root", "collection", "patient", "study", "series", "instance")
+PREVIEW = "preview"  # a series' .preview.png (--previews)
+PREVIEW_NAME = ".preview.png"
 # A resolved path is trusted this long without walking its parents' listings again
 # (like the kernel's entry timeout; listings themselves live much longer).
 NODE_TTL_S = 30.0
@@ -64,7 +66,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.kind != INSTANCE
+        return self.kind not in (INSTANCE, PREVIEW)
 
     def child(self, kind: str, name: str, record: dict, **ids) -> "Node":
         path = ("" if self.path == "/" else self.path) + "/" + name
@@ -115,13 +117,15 @@ EVERYTHING = Selection()
 
 class Catalog:
     def __init__(self, client: NbiaClient, store: MetadataStore, negative_ttl_s: float = 5.0,
-                 node_ttl_s: float = NODE_TTL_S, selection: Selection = EVERYTHING, names: str = "uid"):
+                 node_ttl_s: float = NODE_TTL_S, selection: Selection = EVERYTHING, names: str = "uid",
+                 previews: bool = False):
         if names not in NAME_STYLES:
             raise ValueError(f"names must be one of {', '.join(NAME_STYLES)}")
         self.client = client
         self.store = store
         self.selection = selection
         self.readable = names == "readable"
+        self.previews = previews
         self.negative_ttl_s = negative_ttl_s
         self._lock = threading.Lock()  # guards _memo, _nodes, _walks, _pool and the exact-size fields
         self._memo: dict[str, tuple[Any, Any]] = {}
@@ -259,7 +263,7 @@ class Catalog:
             make = lambda v: [(naming.instance_file_name(sop), node.child(  # noqa: E731
                 INSTANCE, naming.instance_file_name(sop),
                 {"SOPInstanceUID": sop, "SeriesInstanceUID": node.series_uid}, sop_uid=sop), True)
-                for sop in v]
+                for sop in v] + self._preview_entry(node, v)
         else:
             raise NotFound(f"{node.path} is not a directory")
 
@@ -268,6 +272,14 @@ class Catalog:
             return (dict(sorted((name, n) for name, n, listed in entries if listed)),
                     {name: n for name, n, listed in entries if not listed})
         return self._memoised(key + f"\0{node.kind}\0{node.path}", value, derive)
+
+    def _preview_entry(self, series: Node, sops: list[str]) -> list:
+        """[(name, node, listed)] of the series' preview: the middle instance in name order."""
+        if not self.previews or not sops:
+            return []
+        sop = sops[len(sops) // 2]
+        return [(PREVIEW_NAME, series.child(PREVIEW, PREVIEW_NAME, {"SeriesInstanceUID": series.series_uid},
+                                              sop_uid=sop), True)]
 
     def _patient_selected(self, collection: str, record: dict) -> bool:
         """Whether a patient has a series in the selection (always, without a selection)."""

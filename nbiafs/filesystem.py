@@ -24,8 +24,9 @@ import threading
 import time
 from typing import BinaryIO, Callable
 
+from nbiafs import preview
 from nbiafs.blobcache import InstanceCache, pread
-from nbiafs.catalog import INSTANCE, SERIES, Catalog, Node
+from nbiafs.catalog import INSTANCE, PREVIEW, SERIES, Catalog, Node
 from nbiafs.errors import NbiaError, ReadOnly
 from nbiafs.prefetch import Prefetcher, key_of
 from nbiafs.status import STATUS_DIR, STATUS_FILE, ErrorLog
@@ -37,6 +38,7 @@ UNDATED_MTIME = 946684800.0
 BLOCK = 4096
 XATTR_PREFIX = "user.nbia."
 STATE_XATTR = "user.nbiafs.cached"
+PREVIEW_XATTR = "user.nbiafs.preview_of"  # the SOPInstanceUID a preview shows
 
 
 class NoAttribute(NbiaError):
@@ -115,7 +117,10 @@ class NbiaFilesystem:
             # Size 0, so that `du -sb` of a series is exactly its getSeriesSize total.
             attrs.update(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_size=0, st_blocks=0)
         else:
-            size, _exact = self.catalog.instance_size(node)
+            if node.kind == PREVIEW:  # 0 until first opened (rendered), then exact
+                size = self.catalog.store.get(preview_key(node), 0)
+            else:
+                size, _exact = self.catalog.instance_size(node)
             attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size,
                          st_blocks=(size + 511) // 512)
         return attrs
@@ -148,9 +153,12 @@ class NbiaFilesystem:
                 self._handles[fh] = handle
             return fh, False
         node = self.catalog.resolve(path)
-        if node.kind != INSTANCE:
+        if node.kind == PREVIEW:
+            handle = self.open_preview(node)
+        elif node.kind == INSTANCE:
+            handle = self.open_instance(node)
+        else:
             raise NbiaError(f"{path}: is a directory")
-        handle = self.open_instance(node)
         with self._handles_lock:
             fh = next(self._next_fh)
             self._handles[fh] = handle
@@ -167,6 +175,25 @@ class NbiaFilesystem:
             # the rest of its series: the file being opened comes first.
             self.prefetcher.opened(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
                                    self.catalog.series_total(node) or 0)
+        return handle
+
+    def open_preview(self, node: Node) -> BinaryIO:
+        """The series' preview, rendered (and kept in the cache) on first open from the instance
+        it shows; that instance is fetched through the cache but does not start the series'
+        prefetch: a preview is for not fetching the series."""
+        def render(dest: BinaryIO) -> int:
+            source, _ = self.cache.open(
+                key_of(node.series_uid, node.sop_uid),
+                lambda f: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, f))
+            with source:
+                self.catalog.record_exact_size(node.series_uid, node.sop_uid, os.fstat(source.fileno()).st_size)
+                data = preview.render(source)
+            dest.write(data)
+            return len(data)
+        handle, _ = self.cache.open(preview_key(node), render, counted=False)
+        size = os.fstat(handle.fileno()).st_size
+        if self.catalog.store.get(preview_key(node)) != size:  # st_size exact from now on
+            self.catalog.store.put(preview_key(node), size)
         return handle
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -208,6 +235,9 @@ class NbiaFilesystem:
                if value is not None and value != ""}
         if node.kind == INSTANCE:
             out[STATE_XATTR] = "yes" if self.cache.contains(key_of(node.series_uid, node.sop_uid)) else "no"
+        elif node.kind == PREVIEW:
+            out = {PREVIEW_XATTR: node.sop_uid,
+                   STATE_XATTR: "yes" if self.cache.contains(preview_key(node)) else "no"}
         return out
 
     # ------------------------------------------------------------------ filesystem
@@ -229,6 +259,11 @@ class NbiaFilesystem:
             handles, self._handles = list(self._handles.values()), {}
         for handle in handles:
             handle.close()
+
+
+def preview_key(node: Node) -> str:
+    """The cache key of a preview, and the metadata key of its size: by the instance it shows."""
+    return f"preview\0{node.series_uid}\0{node.sop_uid}"
 
 
 def _text(value) -> str:

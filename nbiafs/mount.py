@@ -128,7 +128,8 @@ class Mount:
                                     config.cache.memory_records)
         self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
         catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s,
-                          selection=self._selection(config), names=config.names)
+                          selection=self._selection(config), names=config.names,
+                          previews=config.previews)
         self.prefetcher = Prefetcher(self._cache, self.client, config.prefetch,
                                      on_stored=catalog.record_exact_size)
         self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher, status=self.status_text)
