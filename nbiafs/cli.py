@@ -216,9 +216,12 @@ def run_cache(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="serve the demo archive locally and mount it",
                        description="Start the local NBIA-compatible archive with its demo content, "
-                                   "mount it, and show what to try. Ctrl-C unmounts and stops.")
+                                   "mount it (with previews), and show what to try. Ctrl-C unmounts "
+                                   "and stops.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", default="nbia-demo",
                    help="default: ./nbia-demo (created if missing)")
+    p.add_argument("--names", choices=["uid", "readable"], default="uid",
+                   help="study and series folders by UID (default) or readable")
     p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
     p.set_defaults(func=run_demo)
 
@@ -299,7 +302,7 @@ def run_demo(args) -> int:
     archive = LocalArchive(load_synthetic("demo")).start()
     cache_dir = tempfile.mkdtemp(prefix="nbiafs-demo-cache-")
     args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "v2", None, None, "1G"
-    args.foreground, args.allow_other, args.timeout = True, False, None
+    args.foreground, args.allow_other, args.timeout, args.previews = True, False, None, True
     config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
     print(demo_instructions(archive, mountpoint), flush=True)
     try:
@@ -337,6 +340,9 @@ Try, in another terminal:
   dcmdump '{d}/{naming.instance_file_name(first)}' | head -40
   dcm2niix -o /tmp '{d}'
   du -sb '{d}'
+  cp '{d}/.preview.png' /tmp/preview.png   # the middle slice, for any image viewer
+  nbiafs prefetch '{mountpoint}/{naming.escape(series.collection["Collection"])}'
+  nbiafs status {mountpoint}
 
 Press Ctrl-C here to unmount and stop.
 """

@@ -154,10 +154,24 @@ def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archiv
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert "Phantom-Thorax-CT" in os.listdir(mnt)
+        lines = []
+        while "Press Ctrl-C" not in (line := proc.stdout.readline()):
+            lines.append(line.strip())
+        tries = lines[lines.index("Try, in another terminal:") + 1:]
+        commands = [c for c in tries if c]
+        assert any(c.startswith("getfattr -d") for c in commands)
+        assert any("dcm2niix" in c for c in commands) and any("dcmdump" in c for c in commands)
+        for command in commands:  # every command the demo suggests works as printed
+            command = command.replace("-o /tmp ", f"-o {tmp_path} ").replace(" /tmp/preview.png", f" {tmp_path}/preview.png")
+            if command.startswith("nbiafs "):
+                command = f"{sys.executable} -m {command}"
+            res = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                                 timeout=600)
+            assert res.returncode == 0 or (res.returncode == 141 and "| head" in command), (command, res.stderr)
+        assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "getfattr -d" in out and "dcm2niix" in out and "dcmdump" in out
     assert not mnt.exists()
     assert "Traceback" not in err
