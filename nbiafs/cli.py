@@ -304,7 +304,7 @@ def run_demo(args) -> int:
     args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "v2", None, None, "1G"
     args.foreground, args.allow_other, args.timeout, args.previews = True, False, None, True
     config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
-    print(demo_instructions(archive, mountpoint), flush=True)
+    print(demo_instructions(archive, mountpoint, args.names), flush=True)
     try:
         run(config)
     except MountError as exc:
@@ -321,13 +321,20 @@ def run_demo(args) -> int:
     return 0
 
 
-def demo_instructions(archive, mountpoint) -> str:
+def demo_instructions(archive, mountpoint, names: str = "uid") -> str:
     from nbiafs import naming
 
-    series = max((s for s in archive.index.iter_series("nbia_guest") if s.raw["Modality"] == "CT"),
-                 key=lambda s: len(s.instances))
-    rel = "/".join(naming.escape(p) for p in (series.collection["Collection"], series.patient["PatientID"],
-                                               series.study["StudyInstanceUID"], series.uid))
+    everything = list(archive.index.iter_series("nbia_guest"))
+    series = max((s for s in everything if s.raw["Modality"] == "CT"), key=lambda s: len(s.instances))
+    study_name, series_name = naming.escape(series.study["StudyInstanceUID"]), naming.escape(series.uid)
+    if names == "readable":  # as the mount will name them: among their siblings
+        patient = [s for s in everything if s.patient is series.patient]
+        study_name = naming.readable_names({s.study["StudyInstanceUID"]: naming.study_label(s.study)
+                                            for s in patient})[series.study["StudyInstanceUID"]]
+        series_name = naming.readable_names({s.uid: naming.series_label(s.raw) for s in patient
+                                             if s.study is series.study})[series.uid]
+    rel = "/".join([naming.escape(series.collection["Collection"]), naming.escape(series.patient["PatientID"]),
+                    study_name, series_name])
     d = f"{mountpoint}/{rel}"
     first = sorted(i.sop_uid for i in series.instances)[0]
     return f"""

@@ -90,7 +90,7 @@ def render_status(src: StatusSources) -> str:
     cache = src.cache
     used, limit = cache.volume(), cache.max_bytes
     lines.append(f"cache:      {human_bytes(used)} of {human_bytes(limit)} used ({100 * used / limit:.1f} %), "
-                 f"{cache.count()} instances, in {src.scope_dir}")
+                 f"{cache.count()} files, in {src.scope_dir}")
     opens = cache.hits + cache.downloads
     rate = f"{100 * cache.hits / opens:.0f} %" if opens else "-"
     lines.append(f"opens:      {opens} served, {cache.hits} from the cache (hit rate {rate})")
@@ -138,7 +138,7 @@ class ScopeInfo:
     api: str
     user: str | None
     bytes: int
-    instances: int
+    files: int          # instances and previews in the instance cache
     last_used: float
 
 
@@ -151,16 +151,17 @@ def scopes(root: Path) -> list[ScopeInfo]:
             record = json.loads((scope / SCOPE_FILE).read_text())
         except (OSError, ValueError):
             record = {"url": "?", "api": "?", "user": None}
-        size, instances, last = 0, 0, scope.stat().st_mtime
+        size, files, last = 0, 0, scope.stat().st_mtime
+        blobs = scope / "instances"
         for path in scope.rglob("*"):
             with contextlib.suppress(OSError):
                 st = path.lstat()
                 if path.is_file():
                     size += st.st_size
                     last = max(last, st.st_mtime)
-                    instances += path.suffix == ".val"
+                    files += path.suffix == ".val" and blobs in path.parents
         out.append(ScopeInfo(scope, record.get("url", "?"), record.get("api", "?"), record.get("user"),
-                             size, instances, last))
+                             size, files, last))
     return out
 
 
@@ -171,7 +172,7 @@ def format_scopes(root: Path, infos: list[ScopeInfo]) -> str:
     for s in infos:
         last = dt.datetime.fromtimestamp(s.last_used, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         lines.append(f"  {s.path.name}  {s.url} (API {s.api}), user {s.user or 'anonymous'}: "
-                     f"{human_bytes(s.bytes)}, {s.instances} instances, last used {last}")
+                     f"{human_bytes(s.bytes)}, {s.files} files, last used {last}")
     lines.append(f"  total {human_bytes(sum(s.bytes for s in infos))}")
     return "\n".join(lines) + "\n"
 

@@ -142,10 +142,11 @@ def test_background_mount_and_fusermount(nbia_archive, mnt, tmp_path):
         subprocess.run(["fusermount", "-u", str(mnt)], capture_output=True)
 
 
-def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archive_data):
+@pytest.mark.parametrize("names", [(), ("--names", "readable")], ids=["uid", "readable"])
+def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archive_data, names):
     mnt = tmp_path / "demo"
     env = {**os.environ, "NBIAFS_ARCHIVE_DATA": str(nbia_archive_data)}
-    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "demo", str(mnt)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "demo", str(mnt), *names], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300  # the demo archive is generated on first use
@@ -169,6 +170,7 @@ def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archiv
                                  timeout=600)
             assert res.returncode == 0 or (res.returncode == 141 and "| head" in command), (command, res.stderr)
         assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert ("CT CHEST ABD W CONTRAST [" in "".join(commands)) == bool(names)
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

@@ -48,7 +48,7 @@ def test_status_shows_the_mount_without_secrets(nbia_archive, mount_factory):
     assert field(text, "archive") == f"{nbia_archive.url} (API v2)"
     assert field(text, "user") == USER
     assert field(text, "token").startswith("valid for 1:5")  # a 2 h token, just granted
-    assert "instances, in " + str(m.cache_dir) in field(text, "cache")
+    assert "files, in " + str(m.cache_dir) in field(text, "cache")
     opens = field(text, "opens")
     assert opens.split()[0] == str(int(opens.split()[0])) and "from the cache" in opens
     assert field(text, "errors").startswith("1 (last:") and names[-1] in field(text, "errors")
