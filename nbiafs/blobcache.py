@@ -27,6 +27,8 @@ from typing import BinaryIO, Callable
 import cachetools
 import diskcache
 
+from nbiafs.sqlthread import OneThreadCache
+
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0  # how often reads are told to diskcache's LRU order
@@ -81,9 +83,10 @@ class InstanceCache:
         self._tmp = self.directory / "partial"
         shutil.rmtree(self._tmp, ignore_errors=True)  # leftovers of a crash: never served
         self._tmp.mkdir(parents=True, mode=0o700)
-        self._cache = diskcache.Cache(str(self.directory / "blobs"), size_limit=max_bytes,
-                                      eviction_policy="least-recently-used",
-                                      disk_min_file_size=0, cull_limit=16, disk=_AdoptingDisk)
+        self._cache = OneThreadCache(diskcache.Cache(str(self.directory / "blobs"), size_limit=max_bytes,
+                                                     eviction_policy="least-recently-used",
+                                                     disk_min_file_size=0, cull_limit=16, disk=_AdoptingDisk),
+                                     "nbia-blob-sql")
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
         # The hot path: where each recently opened instance's file is, so a cached open is

@@ -113,9 +113,9 @@ def _add_mount(sub, defaults: dict) -> None:
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
-    p.add_argument("--collection", action="append", default=[], metavar="NAME",
+    p.add_argument("--collection", action=_AppendOverDefault, default=[], metavar="NAME",
                    help="show only this collection (repeatable)")
-    p.add_argument("--modality", action="append", default=[], metavar="CT",
+    p.add_argument("--modality", action=_AppendOverDefault, default=[], metavar="CT",
                    help="show only series of this modality (repeatable)")
     p.add_argument("--manifest", metavar="FILE.tcia", help="show only the series of a TCIA portal manifest")
     p.add_argument("--cart", metavar="NAME", help="show only the series of a shared cart")
@@ -224,6 +224,17 @@ def _add_demo(sub) -> None:
                    help="study and series folders by UID (default) or readable")
     p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
     p.set_defaults(func=run_demo)
+
+
+class _AppendOverDefault(argparse.Action):
+    """Repeatable like `append`, but the flags replace a default list (from the config file or
+    -o) instead of adding to it: flags win."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = f"_{self.dest}_given"
+        items = list(getattr(namespace, self.dest) or []) if getattr(namespace, seen, False) else []
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, items + [values])
 
 
 def mount_config(args, root_url: str | None = None, cache_dir=None):
@@ -458,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # flags win over -o options, which win over the config file
             settings = load_config_file(Path(args.config).expanduser() if args.config else None,
                                         required=bool(args.config))
-            for text in args.options or []:
-                settings.update(parse_mount_options(text))
+            options = parse_mount_options(",".join(args.options or []))
+            settings.update(options)
         except SettingsError as exc:
             print(f"nbiafs: {exc}", file=sys.stderr)
             return EXIT_FAILURE

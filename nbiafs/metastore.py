@@ -12,7 +12,8 @@ Facts that never change (the exact size of a fetched instance) use
 
 Locking: `_lock` guards `_memory` (cachetools caches are not thread-safe); a
 striped flight lock (re-entrant) serialises fetches of one key. The diskcache
-store is safe across threads and processes by itself.
+store runs on a thread of its own (nbiafs.sqlthread): one SQLite connection, whatever the
+calling threads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import cachetools
 import diskcache
 
 from nbiafs.errors import ArchiveUnavailable, IntegrityError
+from nbiafs.sqlthread import OneThreadCache
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class MetadataStore:
     def __init__(self, directory, ttl_s: float, memory_records: int = 200_000, clock=time.time):
         self.ttl_s = ttl_s
         self._clock = clock
-        self._disk = diskcache.Cache(str(directory), size_limit=2 ** 40, eviction_policy="none")
+        self._disk = OneThreadCache(diskcache.Cache(str(directory), size_limit=2 ** 40, eviction_policy="none"),
+                                    "nbia-meta-sql")
         # Bounded by records, not entries: one collection-wide listing of 10,000 series must
         # not be pushed out (and unpickled again and again) by 10,000 one-line listings.
         self._memory: cachetools.LRUCache = cachetools.LRUCache(maxsize=memory_records,

@@ -39,6 +39,7 @@ MOUNT_SETTINGS = {
     "insecure": "bool", "timeout": "float", "log_level": "str", "log_file": "str",
     "connections": "int", "no_prefetch": "bool", "allow_other": "bool", "foreground": "bool",
     "names": "str", "previews": "bool",
+    "collection": "list", "modality": "list", "manifest": "str", "cart": "str",
 }
 IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail",
                          "_netdev", "nosuid", "nodev", "noexec", "exec", "suid", "dev", "noatime",
@@ -69,6 +70,11 @@ def _convert(source: str, key: str, value, kind: str):
             if isinstance(value, bool):
                 raise ValueError
             return int(value)
+        if kind == "list":  # of strings: a TOML array, or one value (repeatable in -o)
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str) and v for v in values):
+                raise ValueError
+            return list(values)
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError
@@ -121,5 +127,7 @@ def parse_mount_options(text: str) -> dict:
         if key in IGNORED_MOUNT_OPTIONS or key.startswith("x-") or key == "comment":
             continue
         name, converted = _setting("-o", key, value if "=" in item else True)
+        if MOUNT_SETTINGS[name] == "list":
+            converted = out.get(name, []) + converted
         out[name] = converted
     return out

@@ -38,6 +38,32 @@ def test_config_file_then_o_options_then_flags(nbia_archive, mount_factory, tmp_
                                      extra=("-o", "cache_size=3M", "--cache-size", "2M"))) == "2.0 MiB"
 
 
+def test_subsets_and_names_from_the_config_file(nbia_archive, mount_factory, tmp_path):
+    """A subset in the file; -o adds up within itself; flags replace the file's list."""
+    names = sorted({s.collection["Collection"] for s in nbia_archive.index.iter_series("nbia_guest")})
+    assert len(names) >= 2
+    config = tmp_path / "config.toml"
+    config.write_text(f'collection = ["{names[0]}"]\nnames = "readable"\npreviews = true\n')
+    env = {"NBIAFS_CONFIG": str(config)}
+    m = mount_factory(nbia_archive.url, name="file", env=env)
+    assert os.listdir(m.mountpoint) == [names[0]]
+    s = next(s for s in nbia_archive.index.iter_series("nbia_guest") if s.collection["Collection"] == names[0])
+    assert os.path.exists(m.path(series_path(s), ".preview.png"))  # by its UID path; previews on
+    opt = mount_factory(nbia_archive.url, name="opt", env=env,
+                        extra=("-o", f"collection={names[0]},collection={names[1]}"))
+    assert sorted(os.listdir(opt.mountpoint)) == names[:2]
+    flag = mount_factory(nbia_archive.url, name="flag", env=env, extra=("--collection", names[1]))
+    assert os.listdir(flag.mountpoint) == [names[1]]
+
+
+def test_a_bad_names_setting_is_one_line(nbia_archive, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = nbiafs("mount", str(mnt), "--url", nbia_archive.url, "-o", "names=pretty", "-f")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "use uid or readable" in res.stderr, res.stderr
+    assert not os.path.ismount(mnt)
+
+
 @pytest.mark.parametrize("content, message", [
     ('cache_sise = "1G"\n', "unknown setting 'cache_sise'"),
     ('password = "x"\n', "passwords and tokens are never settings"),
