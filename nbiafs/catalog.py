@@ -269,7 +269,7 @@ class Catalog:
 
         def derive(v):
             entries = make(v)
-            return (dict(sorted((name, n) for name, n, listed in entries if listed)),
+            return (dict(sorted(((name, n) for name, n, listed in entries if listed), key=lambda e: e[0])),
                     {name: n for name, n, listed in entries if not listed})
         return self._memoised(key + f"\0{node.kind}\0{node.path}", value, derive)
 
