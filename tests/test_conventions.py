@@ -114,6 +114,33 @@ def test_fstab_style_mount_through_the_helper(nbia_archive, tmp_path):
     assert "DEBUG" not in text and "Traceback" not in text
 
 
+def test_mount_t_fuse_nbiafs_through_mount8(nbia_archive, tmp_path):
+    """`mount -t fuse.nbiafs`: mount(8) finds the helper in /sbin (linked there, as the README
+    says, for this test when it is not) and the mount shows up as type fuse.nbiafs."""
+    if os.geteuid() != 0:
+        pytest.skip("linking the helper into /sbin needs root (the suite runs as root in CI)")
+    link = "/sbin/mount.fuse.nbiafs"
+    made = not os.path.lexists(link)
+    if made:
+        os.symlink(HELPER, link)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        res = subprocess.run(["mount", "-t", "fuse.nbiafs", nbia_archive.url, str(mnt),
+                              "-o", f"noauto,cache_dir={tmp_path / 'cache'},timeout=10"],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert res.returncode == 0, res.stderr
+        entry = next(line for line in open("/proc/mounts") if f" {mnt} " in line).split()
+        assert entry[2] == "fuse.nbiafs" and "ro" in entry[3].split(",")
+        names = {s.collection["Collection"] for s in nbia_archive.index.iter_series("nbia_guest")}
+        assert names and names <= set(os.listdir(mnt))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        if made:
+            os.unlink(link)
+    assert not os.path.ismount(mnt)
+
+
 def test_helper_usage_error(tmp_path):
     res = subprocess.run([HELPER, "tcia"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and res.stderr.startswith("usage: mount.fuse.nbiafs SOURCE MOUNTPOINT")
