@@ -321,13 +321,10 @@ class Catalog:
         out = []
         for ident, record in chosen.items():
             name = naming.escape(ident)
-            if ident in readable:
-                shown = readable[ident]
-                out.append((shown, parent.child(kind, shown, record, **{id_field: ident}), True))
-                if name != shown:
-                    out.append((name, parent.child(kind, name, record, **{id_field: ident}), False))
-            else:
-                out.append((name, parent.child(kind, name, record, **{id_field: ident}), True))
+            shown = readable.get(ident, name)
+            out.append((shown, parent.child(kind, shown, record, **{id_field: ident}), True))
+            if shown != name:
+                out.append((name, parent.child(kind, name, record, **{id_field: ident}), False))
         return out
 
     def _memoised(self, key: str, value, derive: Callable):

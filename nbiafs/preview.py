@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from nbiafs.errors import NbiaError
 
@@ -77,7 +78,7 @@ def windowed(ds, pixels: np.ndarray) -> np.ndarray:
 def _first(value) -> float | None:
     if value is None:
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
     try:
         return None if value is None else float(value)

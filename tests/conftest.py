@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -50,6 +54,20 @@ def mount_factory(tmp_path):
     logs = [m.stop() for m in started]
     for log in logs:
         assert "Traceback" not in log, log[-4000:]
+
+
+def start_demo(mnt, archive_data, *args, env=None, **popen) -> subprocess.Popen:
+    """`nbiafs demo MNT ARGS…`, returned once mounted (its archive is generated on first use)."""
+    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "demo", str(mnt), *args],
+                            env={**os.environ, "NBIAFS_ARCHIVE_DATA": str(archive_data), **(env or {})},
+                            stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 300
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"nbiafs demo did not mount: {proc.communicate()[1]}")
+        time.sleep(0.1)
+    return proc
 
 
 def need(tool: str) -> str:

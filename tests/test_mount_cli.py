@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import start_demo
 
 from nbiafs.archive.tokens import DEFAULT_USERS
 
@@ -145,15 +146,8 @@ def test_background_mount_and_fusermount(nbia_archive, mnt, tmp_path):
 @pytest.mark.parametrize("names", [(), ("--names", "readable")], ids=["uid", "readable"])
 def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archive_data, names):
     mnt = tmp_path / "demo"
-    env = {**os.environ, "NBIAFS_ARCHIVE_DATA": str(nbia_archive_data)}
-    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "demo", str(mnt), *names], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_demo(mnt, nbia_archive_data, *names, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 300  # the demo archive is generated on first use
-        while not os.path.ismount(mnt):
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         assert "Phantom-Thorax-CT" in os.listdir(mnt)
         lines = []
         while "Press Ctrl-C" not in (line := proc.stdout.readline()):

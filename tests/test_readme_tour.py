@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import need, start_demo
 
 pytestmark = pytest.mark.mount
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -57,20 +57,14 @@ def test_the_readme_tour(tmp_path, nbia_archive_data):
     assert len(commands) >= 6
     mnt = tmp_path / "nbia-demo"
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, "NBIAFS_ARCHIVE_DATA": str(nbia_archive_data), "PATH": f"{bindir}:{os.environ['PATH']}",
-           "LC_ALL": "C.UTF-8", "TZ": "UTC"}
-    demo = subprocess.Popen([sys.executable, "-m", "nbiafs", "demo", "--names", "readable", str(mnt)], env=env,
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+    demo = start_demo(mnt, nbia_archive_data, "--names", "readable", env=env, cwd=tmp_path,
+                      stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300  # the demo archive is generated on first use
-        while not os.path.ismount(mnt):
-            assert demo.poll() is None, demo.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         script = []
         for k, (command, _) in enumerate(commands):
             if command.startswith("nbiafs "):  # on a terminal, as the README shows it
-                command = f"script -qec {_quote(command)} /dev/null"
+                command = f"script -qec {shlex.quote(command)} /dev/null"
             script.append(f"echo '{MARK}{k}'\n{command}")
         res = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
@@ -88,7 +82,3 @@ def test_the_readme_tour(tmp_path, nbia_archive_data):
     finally:
         demo.send_signal(signal.SIGINT)
         demo.communicate(timeout=30)
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
