@@ -84,6 +84,10 @@ def test_stall_every_call_returns_eio_within_the_budget_without_leaks(nbia_archi
 
     nbia_archive.set_faults(stall="images")
     times = [eio_within_budget(lambda: (folder / names[1]).read_bytes())]
+    # A first round lets the bounded pools (libfuse's workers, the series prefetch) grow to their
+    # working size; the same calls again must then add nothing: a leak grows with the calls.
+    for name in names[2:8]:
+        times.append(eio_within_budget(lambda: (folder / name).read_bytes()))
     time.sleep(1.0)
     baseline = threads_and_sockets(m.proc.pid)
     for name in names[2:8]:
@@ -94,7 +98,9 @@ def test_stall_every_call_returns_eio_within_the_budget_without_leaks(nbia_archi
     assert sorted(os.listdir(folder)) == names  # a cached listing is still served
     time.sleep(1.0)
     after = threads_and_sockets(m.proc.pid)
-    assert after[0] <= baseline[0] + 1 and after[1] <= baseline[1] + 1, (baseline, after)
+    # libfuse may still start a worker when a request arrives while the others wait on the
+    # archive; a leak per call would add at least 6 over the second round.
+    assert after[0] <= baseline[0] + 2 and after[1] <= baseline[1] + 1, (baseline, after)
     figure(f"stall: EIO after {min(times):.2f}-{max(times):.2f} s with --timeout {BUDGET_S:g}; "
            f"threads/sockets {baseline} -> {after} over {len(times) - 1} stalled calls")
 
