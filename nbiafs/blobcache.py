@@ -226,6 +226,22 @@ class InstanceCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f.name)  # unless the cache adopted it
 
+    @contextlib.contextmanager
+    def held_file(self):
+        """Like `partial_file`, but kept when the block ends: its owner delivers or unlinks it
+        (a crash leaves it in the partial folder, which the next start empties)."""
+        f = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".held", delete=False)
+        try:
+            yield f
+        except GeneratorExit:  # the reader of a zip stopped after taking this file: it is theirs
+            raise
+        except BaseException:  # the entry failed (CRC, cut short): nobody will deliver it
+            f.close()
+            os.unlink(f.name)
+            raise
+        finally:
+            f.close()
+
     def _store(self, key: str, src: BinaryIO) -> None:
         src.flush()
         limit = self._room_for(os.fstat(src.fileno()).st_size)

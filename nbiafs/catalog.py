@@ -74,7 +74,7 @@ class Node:
         if kind == STUDY:
             stamp = record.get("StudyDate")
         elif kind == SERIES:
-            stamp = record.get("TimeStamp") or record.get("SeriesDate")
+            stamp = record.get("MaxSubmissionTimestamp") or record.get("SeriesDate")
         else:
             stamp = self.stamp  # an instance has its series' date
         return Node(kind, path, **{**base, **ids}, record=record, stamp=stamp)

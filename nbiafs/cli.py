@@ -74,9 +74,10 @@ def build_parser(mount_defaults: dict | None = None) -> argparse.ArgumentParser:
 def _add_client_options(p) -> None:
     p.add_argument("--url", default="tcia", metavar="ROOT",
                    help="archive root URL, or a preset: tcia (default: "
-                        "https://services.cancerimagingarchive.net/nbia-api), nlst")
-    p.add_argument("--api", choices=["v1", "v2"], default="v2",
-                   help="v2: token session (default); v1: anonymous, public collections only")
+                        "https://nbia.cancerimagingarchive.net/nbia-api), nlst")
+    p.add_argument("--api", choices=["auto", "v4", "v2", "v1"], default="auto",
+                   help="auto (default): v4 if the archive speaks it, else v2, else v1; v4: no token "
+                        "for the guest; v2: token session; v1: anonymous, public collections only")
     p.add_argument("--user", metavar="NAME",
                    help="TCIA user (default: NBIA_USER, else the guest); the password comes from "
                         "NBIA_PASSWORD, ~/.netrc or a prompt, never from the command line")
@@ -241,7 +242,7 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
     from dataclasses import replace
     from pathlib import Path
 
-    from nbiafs.api.client import PRESETS, ClientConfig
+    from nbiafs.api.client import API_CHOICES, PRESETS, ClientConfig
     from nbiafs.config import CacheConfig, MountConfig, parse_size
     from nbiafs.prefetch import PrefetchConfig
 
@@ -259,6 +260,8 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
     cache = CacheConfig(max_bytes=size)
     if cache_dir or args.cache_dir:
         cache = replace(cache, root=Path(cache_dir or args.cache_dir).expanduser().absolute())
+    if args.api not in API_CHOICES:  # from a config file or -o, which argparse does not check
+        raise CliError(f"api = {args.api!r}: use {', '.join(API_CHOICES)}")
     client = ClientConfig(root_url=root, api=args.api)
     if getattr(args, "insecure", False):
         print(f"nbiafs: warning: TLS certificates of {root} are NOT verified (--insecure); "
@@ -312,7 +315,7 @@ def run_demo(args) -> int:
     print("Preparing the demo archive (generated once, then reused)...", file=sys.stderr, flush=True)
     archive = LocalArchive(load_synthetic("demo")).start()
     cache_dir = tempfile.mkdtemp(prefix="nbiafs-demo-cache-")
-    args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "v2", None, None, "1G"
+    args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "auto", None, None, "1G"
     args.foreground, args.allow_other, args.timeout, args.previews = True, False, None, True
     config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
     print(demo_instructions(archive, mountpoint, args.names), flush=True)
@@ -380,6 +383,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--noise-hu", type=_positive_float, help="noise added to the phantom (HU)")
     p.add_argument("--data-dir", metavar="DIR", help="where generated archives are kept")
     p.add_argument("--users", metavar="FILE", help='JSON {"user": "password"} of named users')
+    p.add_argument("--versions", default="v1,v2,v4", metavar="LIST",
+                   help="API versions served, e.g. v4 (only v4, as production may soon be); default: v1,v2,v4")
     p.add_argument("--token-lifetime", type=_positive_float, default=7200.0, metavar="SECONDS")
     p.add_argument("--refresh-lifetime", type=_positive_float, default=7200.0, metavar="SECONDS")
     f = p.add_argument_group("network shaping and faults")
@@ -416,6 +421,8 @@ def run_serve(args) -> int:
             spec = parse_spec(args.spec, seed=args.seed, noise_hu=args.noise_hu)
             index = load_synthetic(spec, Path(args.data_dir) if args.data_dir else None)
         users = TokenStore.load_users(Path(args.users)) if args.users else None
+        versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+        LocalArchive._checked_versions(versions)
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from None
     faults = Faults(latency_s=args.latency_ms / 1000, slow_metadata_s=args.slow_metadata_ms / 1000,
@@ -425,7 +432,7 @@ def run_serve(args) -> int:
     tokens = TokenStore(users, access_lifetime_s=args.token_lifetime,
                         refresh_lifetime_s=args.refresh_lifetime)
     try:
-        archive = LocalArchive(index, tokens, faults, host=args.host, port=args.port)
+        archive = LocalArchive(index, tokens, faults, host=args.host, port=args.port, versions=versions)
     except OSError as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     archive.start()

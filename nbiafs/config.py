@@ -39,10 +39,12 @@ class CacheConfig:
     negative_ttl_s: float = 5.0              # a missing name re-checks its parent at most this often (gcsfuse: 5 s)
     memory_records: int = 200_000            # listing records held in memory (cachetools LRU)
 
-    def scope_dir(self, client: ClientConfig, user: str | None) -> Path:
-        """One private subdirectory per archive and user: what one user's mount cached is
-        never served to another user's mount sharing the cache directory."""
-        key = f"{client.root_url.rstrip('/')}|{client.api}|{user or ''}"
+    def scope_dir(self, client: ClientConfig, identity: str | None) -> Path:
+        """One private subdirectory per archive and identity (a named user, or None for the
+        public view that the guest and anonymous v1 share): what one user's mount cached is
+        never served to another user's mount sharing the cache directory. The API version is
+        not part of it: records are kept in one shape whatever the version (api/models.py)."""
+        key = f"{client.root_url.rstrip('/')}|{identity or ''}"
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -67,5 +67,17 @@ class IntegrityError(NbiaError):
     errno = errno.EIO
 
 
+class NoSuchApi(NbiaError):
+    """The archive does not speak the API version asked for (or any NBIA API at that URL)."""
+
+    errno = errno.EIO
+
+
+class RejectedParameter(NbiaError):
+    """v4 refused a query parameter (`Invalid query parameter`): a client bug, never "no data"."""
+
+    errno = errno.EIO
+
+
 class ReadOnly(NbiaError):
     errno = errno.EROFS

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import logging
 import os
 import resource
@@ -25,11 +26,12 @@ from nbiafs.api.client import NbiaClient
 from nbiafs.blobcache import InstanceCache
 from nbiafs.catalog import Catalog, Selection
 from nbiafs.config import MountConfig
-from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NbiaError, UntrustedCertificate
+from nbiafs.errors import (ArchiveUnavailable, AuthenticationFailed, NbiaError, NoSuchApi, NotAuthorized,
+                           UntrustedCertificate)
 from nbiafs.filesystem import NbiaFilesystem
 from nbiafs.metastore import MetadataStore
 from nbiafs.prefetch import Prefetcher
-from nbiafs.status import StatusSources, hold_scope, render_status, write_scope_record
+from nbiafs.status import StatusSources, hold_scope, read_scope_record, render_status, write_scope_record
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +107,25 @@ class Mount:
         if self.client is None:
             try:
                 credentials = (resolve_credentials(config.user, config.client.root_url)
-                               if config.client.api == "v2" else None)
-            except AuthenticationFailed as exc:
+                               if config.client.api != "v1" else None)
+                self.client = NbiaClient(config.client, credentials)
+            except (AuthenticationFailed, NotAuthorized) as exc:
                 raise MountError(str(exc)) from None
-            self.client = NbiaClient(config.client, credentials)
         prepare_cache_dir(config.cache.root)
-        scope = config.cache.scope_dir(config.client, self.client.user)
+        scope = config.cache.scope_dir(config.client, self.client.identity)
         try:
-            if self.client.auth is not None:
-                self.client.auth.login()
-        except (AuthenticationFailed, UntrustedCertificate) as exc:
+            self.client.connect()  # with --api auto: which version the archive speaks
+        except (AuthenticationFailed, UntrustedCertificate, NoSuchApi, NotAuthorized) as exc:
             raise MountError(str(exc)) from None
         except ArchiveUnavailable as exc:
             if not (scope / "metadata").is_dir():
                 raise MountError(f"cannot reach the archive at {config.client.root_url}: {exc}") from None
+            if self.client.api is None:  # the version the last mount of this cache spoke
+                self.client.use_api(read_scope_record(scope).get("api") or "v4")
             log.warning("the archive is unreachable (%s); serving what earlier mounts cached "
                         "until it comes back", exc)
         prepare_cache_dir(scope)
-        write_scope_record(scope, config.client.root_url, config.client.api, self.client.user)
+        write_scope_record(scope, config.client.root_url, self.client.api, self.client.user)
         self._scope_lock = hold_scope(scope)  # `nbiafs cache clear` leaves this scope alone
         self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
                                     config.cache.memory_records)
@@ -133,7 +136,7 @@ class Mount:
         self.prefetcher = Prefetcher(self._cache, self.client, config.prefetch,
                                      on_stored=catalog.record_exact_size)
         self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher, status=self.status_text)
-        self._status = StatusSources(config.mountpoint, config.client.root_url, config.client.api,
+        self._status = StatusSources(config.mountpoint, config.client.root_url, self.client.api,
                                      self.client.user, scope, time.time(), self.client, self._cache,
                                      self.prefetcher if config.prefetch.enabled else None, self.fs.errors)
         return self.fs
@@ -174,10 +177,14 @@ class Mount:
         """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
         if self._on_mounted is not None:
             self._on_mounted()
-        log.info("mounted %s at %s as %s", self.config.client.root_url, self.config.mountpoint,
-                 (self.client.user if self.client is not None else None) or "anonymous")
-        if self.client is not None and self.client.auth is not None:
-            self.client.auth.start()
+        client = self.client
+        token = "a token session" if client is not None and client.auth is not None else "no token"
+        log.info("mounted %s at %s as %s (API %s%s, %s)", self.config.client.root_url, self.config.mountpoint,
+                 (client.user if client is not None else None) or "anonymous",
+                 client.api if client is not None else "?",
+                 ", found by asking the archive" if client is not None and client.negotiated else "", token)
+        if client is not None:
+            client.start_refresh()
         if self.prefetcher is not None:
             self.prefetcher.start()
         if self._cache is not None:
@@ -208,25 +215,24 @@ class Mount:
             self._scope_lock = None
 
 
-RESOLVE_CONNECTIONS = 8
+RESOLVE_CONNECTIONS = 8  # v1/v2: getSeries requests at once (TCIA's client uses up to 10)
 
 
 def resolve_series(client: NbiaClient, store: MetadataStore, uids) -> dict:
-    """SeriesInstanceUID -> (Collection, PatientID) for the series the archive shows this user,
-    asked 8 at a time (one getSeries each), remembered with the listings."""
-    import concurrent.futures
+    """SeriesInstanceUID -> (Collection, PatientID) for the series the archive shows this user:
+    on v4 one POST getSeriesMetadata per 10,000 series, on v1/v2 one getSeries each, 8 at a
+    time; remembered with the listings (and served from there while the archive is down)."""
+    uids = sorted(set(uids))
+    key = "series-set\0" + hashlib.sha256("\n".join(uids).encode()).hexdigest()
 
-    def one(uid):
-        rows = store.listing(f"series-record\0{uid}", lambda: [
-            [s.collection, s.patient_id] for s in client.get_series(series_uid=uid) if s.series_uid == uid])
-        return uid, (tuple(rows[0]) if rows and rows[0][0] and rows[0][1] else None)
-
-    with concurrent.futures.ThreadPoolExecutor(RESOLVE_CONNECTIONS, "nbia-resolve") as pool:
-        try:
-            results = list(pool.map(one, list(dict.fromkeys(uids))))
-        except NbiaError as exc:
-            raise MountError(f"cannot resolve the manifest's series: {exc}") from None
-    return {uid: where for uid, where in results if where is not None}
+    def fetch():
+        return {s.series_uid: [s.collection, s.patient_id] for s in client.series_records(uids, RESOLVE_CONNECTIONS)
+                if s.collection and s.patient_id}
+    try:
+        found = store.listing(key, fetch)
+    except NbiaError as exc:
+        raise MountError(f"cannot resolve the manifest's series: {exc}") from None
+    return {uid: tuple(where) for uid, where in found.items() if uid in uids}
 
 
 def limit_malloc_arenas() -> None:

@@ -14,6 +14,12 @@ slower than the zip users download today. So, as the anchors do:
   downloading it again; the instance being opened right now is fetched on its
   own. Whatever the zip did not bring (a zip cut short still ends with 200) is
   released to single fetches.
+- The zip is asked with the archive's md5 of each file (`md5hashes.csv`, its
+  last entry). Every entry is CRC-checked as it streams in and held beside the
+  cache until that list arrives; then each entry whose md5 matches is stored, and
+  one that does not is dropped and fetched on its own (verified again). A zip that
+  carries no md5 list (an archive that does not send one, or a stream cut short)
+  has its CRC-checked entries stored as they are.
 - Otherwise the rest is fetched with getSingleImage by `connections` workers in
   name order, starting after the instance just opened. An open of an instance
   not yet fetched never waits in this queue: it downloads at once.
@@ -27,8 +33,10 @@ Threads: `connections` single-fetch workers and one thread per zip, started by
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
 import queue
 import threading
 import time
@@ -80,7 +88,8 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0}
+        self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0,
+                      "zip_md5_checked": 0, "zip_md5_mismatches": 0, "zip_without_md5": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def queued(self) -> int:
@@ -188,20 +197,24 @@ class Prefetcher:
     def _zip(self, state: _SeriesState, claimed: set[str]) -> None:
         uid = state.series_uid
         self.stats["zips"] += 1
+        held: dict[str, tuple[str, str, str, int, str]] = {}  # entry name -> key, sop, path, size, md5
+        md5s: dict[str, str] | None = None
         try:
-            with self.client.open_series_zip(uid) as response:
+            with self.client.open_series_zip(uid, with_md5=True) as response:
                 chunks = response.iter_content(256 * 1024)
-                for name, entry in iter_entries(chunks, self.cache.partial_file):
-                    if self._stop.is_set() or self._idle(state):
-                        break
+                for name, entry in iter_entries(chunks, self.cache.held_file):
+                    if name == MD5_LIST:
+                        md5s = parse_md5_list(entry.read())
+                        os.unlink(entry.name)
+                        continue
                     sop = sop_instance_uid(entry) if name.lower().endswith(".dcm") else None
                     key = key_of(uid, sop) if sop else None
-                    if key in claimed:
-                        size = _size(entry)
-                        self.cache.deliver(key, entry)
-                        claimed.discard(key)
-                        self._on_stored(uid, sop, size)
-                        self.stats["zip_instances"] += 1
+                    if key in claimed and name not in held:
+                        held[name] = (key, sop, entry.name, _size(entry), _md5(entry))
+                    else:
+                        os.unlink(entry.name)
+                    if self._stop.is_set() or self._idle(state):
+                        break
         except (TruncatedZip, NbiaError, OSError, ValueError) as exc:
             self.stats["zip_failures"] += 1
             log.warning("zip of series %s ended early (%s); fetching the rest one by one", uid, exc)
@@ -209,6 +222,7 @@ class Prefetcher:
             self.stats["zip_failures"] += 1
             log.exception("zip of series %s failed", uid)
         finally:
+            self._deliver_held(uid, held, md5s, claimed)
             missing = sorted(k.split("/", 1)[1] for k in claimed)
             for key in claimed:
                 self.cache.release(key)
@@ -217,6 +231,50 @@ class Prefetcher:
                          uid, len(missing))
                 for sop in missing:
                     self._queue.put((state, sop))
+
+    def _deliver_held(self, uid: str, held: dict, md5s: dict | None, claimed: set[str]) -> None:
+        """Store each held entry that matches the archive's md5 (or, with no md5 list, its CRC
+        alone); an entry whose md5 differs stays claimed-then-released: fetched on its own."""
+        for name, (key, sop, path, size, md5) in held.items():
+            try:
+                expected = None if md5s is None else md5s.get(name)
+                if md5s is not None and expected != md5:
+                    self.stats["zip_md5_mismatches"] += 1
+                    log.warning("series %s: %s (%s) has md5 %s, the archive's list says %s; fetching it "
+                                "on its own", uid, name, sop, md5, expected)
+                    continue
+                with open(path, "rb") as entry:
+                    self.cache.deliver(key, entry)
+                claimed.discard(key)
+                self._on_stored(uid, sop, size)
+                self.stats["zip_instances"] += 1
+                self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1
+            except OSError as exc:
+                log.warning("series %s: %s could not be stored (%s)", uid, name, exc)
+            finally:
+                if os.path.exists(path):
+                    os.unlink(path)
+
+
+MD5_LIST = "md5hashes.csv"
+
+
+def parse_md5_list(data: bytes) -> dict[str, str]:
+    """`md5hashes.csv`: a `Filename,MD5Hash` header, then `name,hash` rows in any order."""
+    out = {}
+    for line in data.decode("utf-8", "replace").splitlines()[1:]:
+        name, _, digest = line.strip().rpartition(",")
+        if name and digest:
+            out[name.strip().strip('"')] = digest.strip().strip('"').lower()
+    return out
+
+
+def _md5(handle) -> str:
+    digest = hashlib.md5()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    handle.seek(0)
+    return digest.hexdigest()
 
 
 def _after(sops: list[str], current: str) -> list[str]:

@@ -34,6 +34,11 @@ class PreviewError(NbiaError):
 
 def render(source: BinaryIO) -> bytes:
     """The PNG of the DICOM instance read from `source`."""
+    return png(reduce(image_of(source)))
+
+
+def image_of(source: BinaryIO) -> np.ndarray:
+    """The 8-bit image (grey, or RGB) of the DICOM instance read from `source`."""
     try:
         ds = pydicom.dcmread(source)
     except (InvalidDicomError, ValueError, EOFError) as exc:
@@ -58,7 +63,7 @@ def render(source: BinaryIO) -> bytes:
         image = windowed(ds, pixels)
         if photometric == "MONOCHROME1":
             image = 255 - image
-    return png(reduce(image))
+    return image
 
 
 def windowed(ds, pixels: np.ndarray) -> np.ndarray:
@@ -91,9 +96,10 @@ def _to_8bit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint((values - lo) / span * 255.0), 0, 255).astype(np.uint8)
 
 
-def reduce(image: np.ndarray) -> np.ndarray:
-    """Reduced by the smallest whole factor that brings both sides to at most MAX_SIDE."""
-    factor = -(-max(image.shape[:2]) // MAX_SIDE)
+def reduce(image: np.ndarray, max_side: int | None = None) -> np.ndarray:
+    """Reduced by the smallest whole factor that brings both sides to at most `max_side`
+    (MAX_SIDE)."""
+    factor = -(-max(image.shape[:2]) // (max_side or MAX_SIDE))
     if factor <= 1:
         return image
     h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor

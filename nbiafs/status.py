@@ -78,8 +78,8 @@ def render_status(src: StatusSources) -> str:
     now = time.time()
     started = dt.datetime.fromtimestamp(src.started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines = [f"nbiafs {__version__} at {src.mountpoint}, mounted {started} (up {human_duration(now - src.started)})",
-             f"archive:    {src.root_url} (API {src.api})",
-             f"user:       {src.user or 'anonymous (v1)'}"]
+             f"archive:    {src.root_url} (API {_api(src)})",
+             f"user:       {_user(src)}"]
     auth = getattr(src.client, "auth", None)
     if auth is not None:
         left = auth.seconds_left()
@@ -98,8 +98,29 @@ def render_status(src: StatusSources) -> str:
     zips = src.prefetcher.stats["zips"] if src.prefetcher is not None else 0
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
                  f"for prefetch, {zips} series zips")
+    integrity = getattr(src.client, "integrity", None)
+    if integrity is not None and (getattr(src.client, "api", None) == "v4" or any(integrity.values())):
+        zip_checked = src.prefetcher.stats.get("zip_md5_checked", 0) if src.prefetcher is not None else 0
+        lines.append(f"integrity:  {integrity['md5_checked'] + zip_checked} instances matched the archive's md5 "
+                     f"({zip_checked} from zips), {integrity['md5_unknown']} without one, "
+                     f"{integrity['md5_mismatches'] + (src.prefetcher.stats.get('zip_md5_mismatches', 0) if src.prefetcher else 0)} "
+                     "mismatches refetched")
     lines.append(f"errors:     {src.errors.count}" + (f" (last: {src.errors.last})" if src.errors.last else ""))
     return "\n".join(lines) + "\n"
+
+
+def _api(src: StatusSources) -> str:
+    api = getattr(src.client, "api", None) or src.api
+    return f"{api}, found by asking the archive" if getattr(src.client, "negotiated", False) else api
+
+
+def _user(src: StatusSources) -> str:
+    client = src.client
+    if getattr(client, "auth", None) is not None:
+        return client.auth.credentials.username
+    if getattr(client, "api", None) == "v4":
+        return "nbia_guest (no token: v4 serves the guest without one)"
+    return src.user or "anonymous (v1)"
 
 
 # --------------------------------------------------------------------------- scopes
@@ -107,6 +128,15 @@ def write_scope_record(scope: Path, root_url: str, api: str, user: str | None) -
     tmp = scope / (SCOPE_FILE + ".tmp")
     tmp.write_text(json.dumps({"url": root_url, "api": api, "user": user}))
     os.replace(tmp, scope / SCOPE_FILE)
+
+
+def read_scope_record(scope: Path) -> dict:
+    """What `write_scope_record` wrote ({} if nothing readable)."""
+    try:
+        record = json.loads((scope / SCOPE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 @contextlib.contextmanager

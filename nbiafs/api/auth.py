@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, UntrustedCertificate
+from nbiafs.errors import ArchiveUnavailable, AuthenticationFailed, NoSuchApi, UntrustedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class TokenAuth(requests.auth.AuthBase):
         self._thread: threading.Thread | None = None
         self.password_grants = 0
         self.refresh_grants = 0
+
+    @property
+    def logged_in(self) -> bool:
+        return self._token is not None
 
     def seconds_left(self) -> float | None:
         """Lifetime left of the current access token (None before the first grant)."""
@@ -187,6 +191,8 @@ class TokenAuth(requests.auth.AuthBase):
             raise AuthenticationFailed(
                 f"the archive refused the credentials of {self.credentials.username}"
                 if form["grant_type"] == "password" else "refresh token rejected")
+        if r.status_code in (404, 405):
+            raise NoSuchApi(f"the archive has no token endpoint at {self.token_url}")
         if r.status_code != 200:
             raise ArchiveUnavailable("token request", 1, f"HTTP {r.status_code}")
         try:

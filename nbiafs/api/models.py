@@ -1,19 +1,99 @@
-"""Typed records of the NBIA API, parsed tolerantly.
+"""Typed records of the NBIA API, parsed tolerantly, in one shape whatever the API version.
 
 The real server leaves NULL columns out, spells the patient key `PatientId` in
 getPatient and `PatientID` elsewhere, sends numbers as numbers or sometimes as
-strings (`"1234"`, `"1234.0"`), and uses keys with spaces in getSeriesMetaData.
-Parsing accepts all of that, ignores unknown keys, and keeps the raw record
-(`raw`) so that the filesystem can expose every column as an extended attribute.
+strings (`"1234"`, `"1234.0"`, `"500.000000"`), and uses keys with spaces in
+v1/v2 getSeriesMetaData. Parsing accepts all of that and ignores unknown keys.
+
+Versions differ (shared/nbia-api-v4.md §8): v4 renamed `TimeStamp` to
+`MaxSubmissionTimestamp` and `CollectionURI` to `DataDescriptionURI`, added
+`Site`, `ReleasedStatus`, `Authorized` and patient columns to getSeries, dropped
+`PatientBirthDate`, and writes dates `MM-DD-YYYY` where v1/v2 write
+`YYYY-MM-DD HH:MM:SS.0`. `normalize` maps every record to one shape, here and
+only here, so that times, readable names, sizes and extended attributes mean the
+same on every version (docs/SEMANTICS.md, "API versions"):
+
+- keys: v4's names (v1/v2 names renamed; getSeriesMetaData's spaced keys too);
+- dates: ISO `YYYY-MM-DD` (v4 gives no time of day, so neither does v1/v2 here);
+- `Authorized` (always 1: the server returns only rows the user may see) and
+  `PatientBirthDate` (removed from TCIA's API in 2025) are dropped;
+- `AnnotationsFlag` is a boolean; counts and sizes are integers.
+
+The normalized record is kept (`raw`) so the filesystem can show every column as
+an extended attribute.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
+
+# v1/v2 name -> the one name (v4's). getSeriesMetaData (v1/v2) names its keys with spaces.
+RENAMED = {
+    "TimeStamp": "MaxSubmissionTimestamp", "CollectionURI": "DataDescriptionURI",
+    "Date Released": "DateReleased",  # getContentsByName
+    "Series UID": "SeriesInstanceUID", "Subject ID": "PatientID", "Study UID": "StudyInstanceUID",
+    "Study Description": "StudyDesc", "Study Date": "StudyDate", "Series Description": "SeriesDescription",
+    "Number of Images": "ImageCount", "File Size": "FileSize", "Series Number": "SeriesNumber",
+    "License Name": "LicenseName", "License URL": "LicenseURI", "Series Date": "SeriesDate",
+    "Protocol Name": "ProtocolName", "Body Part Examined": "BodyPartExamined",
+    "Annotations Flag": "AnnotationsFlag", "Manufacturer Model Name": "ManufacturerModelName",
+    "Software Versions": "SoftwareVersions", "Data Description URI": "DataDescriptionURI",
+    "3rd Party Analysis": "ThirdPartyAnalysis", "SOP Class UID": "SOPClassUID",
+    "Annotation Size": "AnnotationSize", "File Location": "FileLocation",
+}
+DROPPED = frozenset({"Authorized", "PatientBirthDate"})
+DATE_KEYS = frozenset({"StudyDate", "SeriesDate", "DateReleased", "MaxSubmissionTimestamp"})
+INT_KEYS = frozenset({"ImageCount", "FileSize", "SeriesNumber", "SeriesCount", "TotalSizeInBytes",
+                      "ObjectCount"})
+
+
+def iso_date(value: Any) -> str | None:
+    """`2015-05-27 17:12:21.0` (v1/v2), `05-27-2015` (v4), `2015-05-27` -> `2015-05-27`;
+    anything else is returned as it is (never invented)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    for fmt, length in (("%Y-%m-%d", 10), ("%m-%d-%Y", 10), ("%Y/%m/%d", 10), ("%m/%d/%Y", 10)):
+        try:
+            return dt.datetime.strptime(text[:length], fmt).date().isoformat()
+        except ValueError:
+            continue
+    return text or None
+
+
+def as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool) or value is None:
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "y"):
+        return True
+    if text in ("false", "no", "0", "n"):
+        return False
+    return None
+
+
+def normalize(raw: Mapping) -> dict:
+    """One record of any endpoint and version in the one shape (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = RENAMED.get(key, key)
+        if key in DROPPED or value is None or key in out:
+            continue
+        if key in DATE_KEYS:
+            value = iso_date(value)
+        elif key in INT_KEYS:
+            value = _integral(value)
+        elif key == "AnnotationsFlag":
+            flag = as_bool(value)
+            value = value if flag is None else flag
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def as_int(value: Any) -> int | None:
@@ -27,6 +107,15 @@ def as_int(value: Any) -> int | None:
     except ValueError:
         return None
     return int(number) if number == number and abs(number) != float("inf") else None
+
+
+def _integral(value: Any) -> Any:
+    """1234, "1234", "500.000000" -> an int; anything else (2.5, "n/a") as it is."""
+    number = as_int(value)
+    try:
+        return number if number is not None and float(str(value).strip()) == number else value
+    except ValueError:
+        return value
 
 
 def as_str(value: Any) -> str | None:
@@ -50,6 +139,7 @@ class Patient:
 
     @classmethod
     def parse(cls, raw: Mapping) -> "Patient | None":
+        raw = normalize(raw)
         pid = _patient_id(raw)
         if pid is None:
             return None
@@ -69,6 +159,7 @@ class Study:
 
     @classmethod
     def parse(cls, raw: Mapping) -> "Study | None":
+        raw = normalize(raw)
         uid = as_str(raw.get("StudyInstanceUID"))
         if uid is None:
             return None
@@ -93,6 +184,7 @@ class Series:
 
     @classmethod
     def parse(cls, raw: Mapping) -> "Series | None":
+        raw = normalize(raw)
         uid = as_str(raw.get("SeriesInstanceUID"))
         if uid is None:
             return None
@@ -114,28 +206,6 @@ class SeriesSize:
         if total is None or count is None:
             return None  # `[{}]`: the archive does not know the series
         return cls(total, count)
-
-
-@dataclass(frozen=True)
-class SeriesMetadata:
-    """getSeriesMetaData: keys with spaces, every value a string."""
-
-    series_uid: str
-    collection: str | None
-    patient_id: str | None
-    study_uid: str | None
-    image_count: int | None
-    file_size: int | None
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
-
-    @classmethod
-    def parse(cls, raw: Mapping) -> "SeriesMetadata | None":
-        uid = as_str(raw.get("Series UID"))
-        if uid is None:
-            return None
-        return cls(uid, as_str(raw.get("Collection")), as_str(raw.get("Subject ID")),
-                   as_str(raw.get("Study UID")), as_int(raw.get("Number of Images")),
-                   as_int(raw.get("File Size")), dict(raw))
 
 
 def parse_rows(rows: list, parse) -> list:

@@ -91,6 +91,7 @@ class ArchiveIndex:
         self.collections: list[dict] = tree["collections"]
         self.carts: dict[str, list[str]] = tree.get("carts", {})
         self.series_by_uid: dict[str, Series] = {}
+        self.instance_by_sop: dict[str, tuple[Series, Instance]] = {}
         for coll in self.collections:
             for patient in coll["patients"]:
                 for study in patient["studies"]:
@@ -102,6 +103,8 @@ class ArchiveIndex:
                                      i.get("AcquisitionNumber") or 1)
                             for i in raw["instances"]]
                         self.series_by_uid[s.uid] = s
+                        for inst in s.instances:
+                            self.instance_by_sop.setdefault(inst.sop_uid, (s, inst))
 
     # ------------------------------------------------------------ visibility
     def visible_collections(self, user: str | None) -> list[dict]:

@@ -1,9 +1,11 @@
 """The local NBIA-compatible archive: a threaded HTTP server on loopback.
 
-Answers `/nbia-api/services/v1|v2/<Endpoint>`, `/nbia-api/oauth/token` and
+Answers `/nbia-api/services/v1|v2|v4/<Endpoint>`, `/nbia-api/oauth/token` and
 `/nbia-api/logout` with the shapes, quirks and status codes of the production
-server (shared/nbia-api.md), applies the current `Faults`, and counts requests
-per endpoint and per token grant. Test control lives under `/_nbiafs/`
+server (v1/v2: shared/nbia-api.md; v4: shared/nbia-api-v4.md and `v4.py`),
+applies the current `Faults`, and counts requests per endpoint, per version and
+per token grant. `versions` chooses what is served (`("v4",)`: v4 only, as
+production may soon be); the others answer 404. Test control lives under `/_nbiafs/`
 (counters, faults), which the real server does not have.
 
 Use from Python::
@@ -35,7 +37,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape as xml_escape
 
-from nbiafs.archive import endpoints
+from nbiafs.archive import endpoints, v4
 from nbiafs.archive.faults import IMAGE_ENDPOINTS, Faults, Throttle, pace
 from nbiafs.archive.records import ArchiveIndex, Series
 from nbiafs.archive.tokens import InvalidGrant, TokenStore
@@ -50,6 +52,8 @@ WIRE_CHUNK = 16 * 1024     # what goes on the wire at once: paced links see a st
 TOKEN_REQUIRED = IMAGE_ENDPOINTS | {"getCollectionValues"}
 FORMATS = {"json": "application/json", "csv": "text/csv", "xml": "application/xml",
            "html": "text/html"}
+VERSIONS = ("v1", "v2", "v4")
+THUMBNAIL_SIDE = 512
 
 
 class _Stop(Exception):
@@ -61,14 +65,17 @@ class LocalArchive:
 
     def __init__(self, index: ArchiveIndex, tokens: TokenStore | None = None,
                  faults: Faults | None = None, host: str = "127.0.0.1", port: int = 0,
-                 seed: int = 0, tls: "ssl.SSLContext | None" = None):
+                 seed: int = 0, tls: "ssl.SSLContext | None" = None, versions=VERSIONS):
         self.index = index
+        self._versions = self._checked_versions(versions)
+        self.param_check = v4.ParameterCheck()
         self.tokens = tokens or TokenStore()
         self._faults = faults or Faults()
-        self._lock = threading.Lock()  # guards _faults, _rng, _counts, _by_token, _total_link
+        self._lock = threading.Lock()  # guards _faults, _rng, _counts, _by_*, _total_link, _versions
         self._rng = random.Random(seed)
         self._counts: Counter = Counter()
         self._by_token: Counter = Counter()
+        self._by_version: Counter = Counter()
         self._total_link: Throttle | None = None
         self._stopping = threading.Event()
         self._own_deflate_dir = index.deflate_dir is None
@@ -113,6 +120,25 @@ class LocalArchive:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    # ------------------------------------------------------------ versions
+    @staticmethod
+    def _checked_versions(versions) -> frozenset:
+        chosen = frozenset(versions)
+        if not chosen or not chosen <= set(VERSIONS):
+            raise ValueError(f"versions: choose from {', '.join(VERSIONS)}, not {', '.join(sorted(chosen)) or 'none'}")
+        return chosen
+
+    @property
+    def versions(self) -> frozenset:
+        with self._lock:
+            return self._versions
+
+    def set_versions(self, *versions: str) -> None:
+        """Serve only these API versions from now on (the others answer 404)."""
+        chosen = self._checked_versions(versions)
+        with self._lock:
+            self._versions = chosen
+
     # ------------------------------------------------------------ faults
     @property
     def faults(self) -> Faults:
@@ -150,22 +176,26 @@ class LocalArchive:
             return [t for t in (conn_link, self._total_link) if t is not None]
 
     # ------------------------------------------------------------ counters
-    def count(self, endpoint: str, token_label: str | None) -> None:
+    def count(self, endpoint: str, token_label: str | None, version: str | None = None) -> None:
         with self._lock:
             self._counts[endpoint] += 1
             if token_label:
                 self._by_token[token_label] += 1
+            if version:
+                self._by_version[version] += 1
 
     def counters(self) -> dict:
-        """{"endpoints": {name: n}, "tokens": {"<user>#<grant>": n}, "total": n}."""
+        """{"endpoints": {name: n}, "versions": {"v4": n}, "tokens": {"<user>#<grant>": n},
+        "total": n}."""
         with self._lock:
-            return {"endpoints": dict(self._counts), "tokens": dict(self._by_token),
-                    "total": sum(self._counts.values())}
+            return {"endpoints": dict(self._counts), "versions": dict(self._by_version),
+                    "tokens": dict(self._by_token), "total": sum(self._counts.values())}
 
     def reset_counters(self) -> None:
         with self._lock:
             self._counts.clear()
             self._by_token.clear()
+            self._by_version.clear()
 
 
 class _Server(ThreadingHTTPServer):
@@ -216,7 +246,9 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/nbia-api/logout":
                 return self._logout()
             segs = path.split("/")
-            if len(segs) == 5 and segs[1:3] == ["nbia-api", "services"] and segs[3] in ("v1", "v2"):
+            if len(segs) == 5 and segs[1:3] == ["nbia-api", "services"] and segs[3] in self.archive.versions:
+                if segs[3] == "v4":
+                    return self._service_v4(segs[4], parse_qsl(parts.query, keep_blank_values=True))
                 return self._service(segs[3], segs[4], params)
             self._send(404, b"Not Found", "text/plain")
         except _Stop:
@@ -246,9 +278,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(piece)
 
     def _read_form(self) -> dict:
+        return dict(self._read_form_pairs())
+
+    def _read_form_pairs(self) -> list[tuple[str, str]]:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
-        return dict(parse_qsl(body, keep_blank_values=True))
+        return parse_qsl(body, keep_blank_values=True)
 
     def _bearer(self) -> str | None:
         auth = self.headers.get("Authorization", "")
@@ -315,7 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
             token_state = "valid" if grant else ("invalid" if token else "absent")
             if grant:
                 user, label = grant.user, grant.label
-        self.archive.count(endpoint, label)
+        self.archive.count(endpoint, label, version)
         self._apply_delays(endpoint, faults)
         if version == "v2" and token_state != "valid":
             # Production v2: no token -> 500 on downloads and getCollectionValues; a bad or
@@ -393,16 +428,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(data, link)
 
     def _zip(self, endpoint, series: Series, params, faults: Faults, link):
+        with_md5 = endpoint == "getImageWithMD5Hash"
+        new_names = params.get("NewFileNames", "").lower() == "yes" and not with_md5
+        self._send_zip(series, faults, link, license=not with_md5, md5=with_md5, new_names=new_names)
+
+    def _send_zip(self, series: Series, faults: Faults, link, license: bool, md5: bool, new_names: bool):
+        """A chunked zip as production streams it: `LICENSE` first (unless not `license`), the
+        instances, `md5hashes.csv` last when `md5`."""
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Disposition", f'attachment; filename="{series.uid}.zip"')
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         sink = _ChunkedWriter(self, link)
-        with_md5 = endpoint == "getImageWithMD5Hash"
-        new_names = params.get("NewFileNames", "").lower() == "yes" and not with_md5
         writer = ZipStreamWriter(sink.write)
-        if not with_md5:
+        if license:
             writer.add_bytes("LICENSE", license_text(series.collection).encode())
         instances = series_zip_order(series, new_names)
         if faults.zip_drop_entries:
@@ -411,13 +451,127 @@ class _Handler(BaseHTTPRequestHandler):
         for name, inst in instances:
             deflated, meta = self.archive.deflated.get(deflate_name(series.uid, inst.sop_uid), inst.path)
             writer.add_deflated(name, deflated, meta)
-            hashes.append((name, inst.md5))
-        if with_md5:
+            hashes.append((name, "0" * 32 if faults.wrong_md5 else inst.md5))
+        if md5:
             rows = "".join(f"{n},{h}\n" for n, h in sorted(hashes, key=lambda r: r[1]))
             writer.add_bytes("md5hashes.csv", ("Filename,MD5Hash\n" + rows).encode())
         if not faults.zip_truncate:  # truncated: the stream ends before the central directory
             writer.finish()
         sink.finish()
+
+    # --------------------------------------------------------------- v4
+    def _service_v4(self, endpoint: str, pairs: list[tuple[str, str]]):
+        archive, faults = self.archive, self.archive.faults
+        params = dict(pairs)
+        posted = endpoint in v4.POST_ENDPOINTS
+        if not (posted or endpoint in v4.ALLOWED or endpoint in v4.QUERY_ENDPOINTS):
+            return self._send(404, b"Not Found", "text/plain")
+        if (self.command == "POST") != posted:
+            return self._send(405, b"", "text/plain")
+        token = self._bearer()
+        user, label, token_state = v4.GUEST, None, "absent"
+        if token and token != "undefined":  # no token, or `Bearer undefined`: the guest
+            grant = archive.tokens.check(token)
+            token_state = "valid" if grant else "invalid"
+            if grant:
+                user, label = grant.user, grant.label
+        form = self._read_form_pairs() if posted else []
+        archive.count(endpoint, label, "v4")
+        self._apply_delays(endpoint, faults)
+        if token_state == "invalid":
+            # Where the user is resolved directly (downloads): 401 without a body; getSeries
+            # fails (500); elsewhere the bad token is swallowed: an empty 200.
+            if endpoint in IMAGE_ENDPOINTS:
+                return self._send(401, b"", None)
+            if endpoint == "getSeries":
+                return self._send(500, SERVER_ERROR_BODY, "text/plain")
+            return self._send(200, b"", None)
+        error = None if posted else archive.param_check.error(endpoint, params)
+        if error:
+            return self._send(400, error.encode(), "application/json")
+        try:
+            return self._answer_v4(endpoint, user, params, form, faults)
+        except (v4.MissingParameter, v4.BadRequest) as exc:
+            return self._send(400, str(exc).encode(), "application/json")
+        except v4.ServerError as exc:
+            return self._send(500, SERVER_ERROR_BODY.split(b"\n")[0] + b"\n" + str(exc).encode(), "text/plain")
+
+    def _answer_v4(self, endpoint, user, params, form, faults: Faults):
+        index = self.archive.index
+        if endpoint in IMAGE_ENDPOINTS:
+            return self._image_v4(endpoint, user, params, faults)
+        if endpoint == "getMD5HashForImage":
+            found = index.instance_by_sop.get(params.get("SOPInstanceUID", ""))
+            visible = found is not None and index.visible_series(user, found[0].uid) is not None
+            md5 = ("0" * 32 if faults.wrong_md5 else found[1].md5) if visible else ""
+            return self._send(200, md5.encode(), "text/plain")
+        if endpoint == "getThumbnail":
+            return self._thumbnail(user, form)
+        if endpoint == "getDicomTags":
+            rows = v4.get_dicom_tags(index, user, params, _dataset)
+            return self._send(200, v4.render_jackson(rows) if rows else b"", "application/json" if rows else None)
+        if endpoint in v4.JACKSON_ENDPOINTS:
+            return self._send(200, v4.render_jackson(v4.JACKSON_ENDPOINTS[endpoint](index, user, params)))
+        if endpoint in v4.MANIFEST_ENDPOINTS:
+            base = self.archive.url.rsplit("/nbia-api", 1)[0]
+            text = v4.MANIFEST_ENDPOINTS[endpoint](index, user, form, base)
+            return self._send(200, text.encode(), "application/x-nbia-manifest-file")
+        if endpoint == "getSeriesMetadata":
+            rows = v4.get_series_metadata(index, user, form)
+            fmt = dict(form).get("format", "csv").lower()
+            return self._tabular_v4(rows, fmt, faults, {"Content-Disposition": 'attachment; filename="SeriesMetaData.csv"'}
+                                    if fmt == "csv" else None)
+        if endpoint in v4.COUNT_ENDPOINTS:
+            return self._tabular_v4(v4.COUNT_ENDPOINTS[endpoint](index, user, params), "json", faults)
+        rows = v4.QUERY_ENDPOINTS[endpoint](index, user, params)
+        return self._tabular_v4(rows, params.get("format", "json").lower(), faults)
+
+    def _tabular_v4(self, rows: list[dict], fmt: str, faults: Faults, headers: dict | None = None):
+        if not rows:  # production: 200, an empty body, no Content-Type
+            return self._send(200, b"", None)
+        if fmt not in v4.FORMATS:
+            raise v4.ServerError(f"Unsupported format: {fmt}")
+        body, ctype = v4.render(rows, fmt)
+        if faults.corrupt_json and fmt == "json":
+            body = body[: max(1, len(body) // 2)]
+        self._send(200, body, ctype, headers)
+
+    def _image_v4(self, endpoint, user, params, faults: Faults):
+        single = endpoint == "getSingleImage"
+        if single:
+            v4.require(params, ["SeriesInstanceUID", "SOPInstanceUID"],
+                       "A parameter, SeriesInstanceUID and SOPInstanceUID, are required for this API call.")
+        else:
+            v4.require(params, ["SeriesInstanceUID"], "A parameter, SeriesInstanceUID, is required for this API call.")
+        if faults.image_outage or self.archive._chance(faults.image_error_rate):
+            return self._send(500, SERVER_ERROR_BODY, "text/plain")
+        link = Throttle(faults.connection_mbit_s) if faults.connection_mbit_s else None
+        uid = params["SeriesInstanceUID"]
+        series = self.archive.index.visible_series(user, uid)
+        if single:
+            return self._single_image(series, params["SOPInstanceUID"], faults, link)
+        if series is None:
+            raise v4.not_granted(uid)
+        with_md5 = endpoint == "getImageWithMD5Hash" or params.get("IncludeMD5", "").lower() == "yes"
+        new_names = endpoint == "getImage" and params.get("NewFileNames", "").lower() == "yes"
+        self._send_zip(series, faults, link, license=endpoint == "getImage", md5=with_md5, new_names=new_names)
+
+    def _thumbnail(self, user, form):
+        """POST seriesUID, objectUID -> a JPEG of at most 512 x 512 (production serves ones its
+        pipeline made beforehand; here it is made from the instance); anything missing -> 500."""
+        fields = dict(form)
+        series = self.archive.index.visible_series(user, fields.get("seriesUID", ""))
+        inst = next((i for i in series.instances if i.sop_uid == fields.get("objectUID")), None) if series else None
+        if inst is None:
+            raise v4.ServerError("null")
+        from PIL import Image
+
+        from nbiafs import preview
+        with open(inst.path, "rb") as f:
+            image = preview.reduce(preview.image_of(f), THUMBNAIL_SIDE)
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="JPEG", quality=85)
+        self._send(200, out.getvalue(), "image/jpeg")
 
     # --------------------------------------------------------------- test control
     def _admin(self, what: str):
@@ -473,6 +627,11 @@ class _ChunkedWriter(io.RawIOBase):
     def finish(self):
         self._flush_chunk()
         self.handler.wfile.write(b"0\r\n\r\n")
+
+
+def _dataset(path: Path):
+    import pydicom
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def deflate_name(series_uid: str, sop_uid: str) -> str:
