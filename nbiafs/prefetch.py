@@ -237,6 +237,8 @@ class Prefetcher:
         alone); an entry whose md5 differs stays claimed-then-released: fetched on its own."""
         for name, (key, sop, path, size, md5) in held.items():
             try:
+                if self._stop.is_set():  # unmounting: the cache is closing
+                    continue
                 expected = None if md5s is None else md5s.get(name)
                 if md5s is not None and expected != md5:
                     self.stats["zip_md5_mismatches"] += 1
@@ -249,7 +251,7 @@ class Prefetcher:
                 self._on_stored(uid, sop, size)
                 self.stats["zip_instances"] += 1
                 self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: the cache closed meanwhile
                 log.warning("series %s: %s could not be stored (%s)", uid, name, exc)
             finally:
                 if os.path.exists(path):

@@ -1,4 +1,4 @@
-"""The local archive answers as the production NBIA server does (shared/nbia-api.md), over HTTP."""
+"""The local archive answers v1/v2 as the production NBIA server does (shared/nbia-api.md), over HTTP."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def token(archive, form=GUEST_FORM) -> dict:
 
 
 @pytest.fixture
-def v2(nbia_archive):
+def v2(nbia_archive_legacy):
     """GET a v2 endpoint as the guest; returns the response."""
-    bearer = token(nbia_archive)["access_token"]
+    bearer = token(nbia_archive_legacy)["access_token"]
 
     def get(endpoint, **params):
-        return requests.get(f"{nbia_archive.url}/services/v2/{endpoint}", params=params,
+        return requests.get(f"{nbia_archive_legacy.url}/services/v2/{endpoint}", params=params,
                             headers={"Authorization": f"Bearer {bearer}"}, timeout=30)
     return get
 
@@ -55,7 +55,7 @@ def all_series(get):
 
 
 # --------------------------------------------------------------------------- shapes
-def test_collection_values_sorted_in_byte_order(nbia_archive, v2):
+def test_collection_values_sorted_in_byte_order(nbia_archive_legacy, v2):
     r = v2("getCollectionValues")
     assert r.headers["Content-Type"] == "application/json"
     names = [row["Collection"] for row in r.json()]
@@ -138,12 +138,12 @@ def test_sop_instance_uids_unordered(v2):
     assert uids != sorted(uids)
 
 
-def test_series_size_matches_files_and_is_never_a_file_size(nbia_archive, v2):
+def test_series_size_matches_files_and_is_never_a_file_size(nbia_archive_legacy, v2):
     for row in all_series(v2):
         size = v2("getSeriesSize", SeriesInstanceUID=row["SeriesInstanceUID"]).json()
         assert list(size[0]) == ["TotalSizeInBytes", "ObjectCount"]
         total, count = size[0]["TotalSizeInBytes"], size[0]["ObjectCount"]
-        files = nbia_archive.index.series_by_uid[row["SeriesInstanceUID"]].instances
+        files = nbia_archive_legacy.index.series_by_uid[row["SeriesInstanceUID"]].instances
         sizes = [f.path.stat().st_size for f in files]
         assert total == sum(sizes) == row["FileSize"] and count == len(sizes)
         if count > 1:
@@ -217,7 +217,7 @@ def _instances(v2, uid):
     return [r["SOPInstanceUID"] for r in v2("getSOPInstanceUIDs", SeriesInstanceUID=uid).json()]
 
 
-def test_single_image_headers_and_bytes(nbia_archive, v2):
+def test_single_image_headers_and_bytes(nbia_archive_legacy, v2):
     uid = max(all_series(v2), key=lambda s: s["ImageCount"])["SeriesInstanceUID"]
     sop = _instances(v2, uid)[0]
     r = v2("getSingleImage", SeriesInstanceUID=uid, SOPInstanceUID=sop)
@@ -277,10 +277,10 @@ def test_zip_with_md5_hashes(v2):
         assert hashlib.md5(zf.read(row["Filename"])).hexdigest() == row["MD5Hash"]
 
 
-def test_every_file_reads_with_pydicom_and_dcmdump(nbia_archive):
+def test_every_file_reads_with_pydicom_and_dcmdump(nbia_archive_legacy):
     dcmdump = shutil.which("dcmdump")
     assert dcmdump, "DCMTK is installed by scripts/setup.sh"
-    paths = [i.path for s in nbia_archive.index.series_by_uid.values() for i in s.instances]
+    paths = [i.path for s in nbia_archive_legacy.index.series_by_uid.values() for i in s.instances]
     for path in paths:
         ds = pydicom.dcmread(path)
         assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
@@ -290,8 +290,8 @@ def test_every_file_reads_with_pydicom_and_dcmdump(nbia_archive):
 
 
 # --------------------------------------------------------------------------- auth
-def test_v2_without_token(nbia_archive):
-    base = nbia_archive.url + "/services/v2/"
+def test_v2_without_token(nbia_archive_legacy):
+    base = nbia_archive_legacy.url + "/services/v2/"
     for endpoint in ("getCollectionValues", "getSingleImage", "getImage"):
         r = requests.get(base + endpoint, params={"SeriesInstanceUID": "1", "SOPInstanceUID": "2"})
         assert r.status_code == 500 and r.content == SERVER_ERROR_BODY, endpoint
@@ -299,10 +299,10 @@ def test_v2_without_token(nbia_archive):
     assert r.status_code == 200 and r.content == b""
 
 
-def test_v2_with_invalid_or_expired_token(nbia_archive):
-    base = nbia_archive.url + "/services/v2/"
-    nbia_archive.tokens.access_lifetime_s = 0.0
-    expired = token(nbia_archive)["access_token"]
+def test_v2_with_invalid_or_expired_token(nbia_archive_legacy):
+    base = nbia_archive_legacy.url + "/services/v2/"
+    nbia_archive_legacy.tokens.access_lifetime_s = 0.0
+    expired = token(nbia_archive_legacy)["access_token"]
     for bearer in ("not-a-token", expired):
         h = {"Authorization": f"Bearer {bearer}"}
         for endpoint in ("getSingleImage", "getImage"):
@@ -313,54 +313,54 @@ def test_v2_with_invalid_or_expired_token(nbia_archive):
             assert r.status_code == 200 and r.content == b"", endpoint
 
 
-def test_token_reply_shape_refresh_and_logout(nbia_archive):
-    reply = token(nbia_archive)
+def test_token_reply_shape_refresh_and_logout(nbia_archive_legacy):
+    reply = token(nbia_archive_legacy)
     assert list(reply) == ["access_token", "expires_in", "refresh_expires_in", "refresh_token",
                            "token_type", "id_token", "not-before-policy", "session_state", "scope"]
     assert reply["token_type"] == "Bearer" and reply["expires_in"] == 7200
-    refreshed = requests.post(nbia_archive.url + "/oauth/token", data={
+    refreshed = requests.post(nbia_archive_legacy.url + "/oauth/token", data={
         "grant_type": "refresh_token", "refresh_token": reply["refresh_token"], "client_id": "nbia"})
     assert refreshed.status_code == 200 and refreshed.json()["access_token"] != reply["access_token"]
-    again = requests.post(nbia_archive.url + "/oauth/token", data={
+    again = requests.post(nbia_archive_legacy.url + "/oauth/token", data={
         "grant_type": "refresh_token", "refresh_token": reply["refresh_token"], "client_id": "nbia"})
     assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
     bearer = {"Authorization": f"Bearer {refreshed.json()['access_token']}"}
-    base = nbia_archive.url + "/services/v2/getCollectionValues"
+    base = nbia_archive_legacy.url + "/services/v2/getCollectionValues"
     assert requests.get(base, headers=bearer).json()
-    assert requests.get(nbia_archive.url + "/logout", headers=bearer).status_code == 405
-    assert requests.post(nbia_archive.url + "/logout", headers=bearer).status_code == 200
+    assert requests.get(nbia_archive_legacy.url + "/logout", headers=bearer).status_code == 405
+    assert requests.post(nbia_archive_legacy.url + "/logout", headers=bearer).status_code == 200
     assert requests.get(base, headers=bearer).content == b""
 
 
-def test_bad_credentials_are_a_401(nbia_archive):
-    r = requests.post(nbia_archive.url + "/oauth/token", data=dict(
+def test_bad_credentials_are_a_401(nbia_archive_legacy):
+    r = requests.post(nbia_archive_legacy.url + "/oauth/token", data=dict(
         GUEST_FORM, username="researcher", password="wrong"))
     assert r.status_code == 401
     assert r.json() == {"error": "invalid_grant", "error_description": "Invalid user credentials"}
 
 
-def test_restricted_collection_only_for_granted_user(nbia_archive):
+def test_restricted_collection_only_for_granted_user(nbia_archive_legacy):
     from nbiafs.archive.tokens import DEFAULT_USERS
     user, password = next(iter(DEFAULT_USERS.items()))
-    bearer = token(nbia_archive, dict(GUEST_FORM, username=user, password=password))["access_token"]
+    bearer = token(nbia_archive_legacy, dict(GUEST_FORM, username=user, password=password))["access_token"]
     h = {"Authorization": f"Bearer {bearer}"}
     names = [r["Collection"] for r in requests.get(
-        nbia_archive.url + "/services/v2/getCollectionValues", headers=h).json()]
+        nbia_archive_legacy.url + "/services/v2/getCollectionValues", headers=h).json()]
     assert "Phantom-Restricted" in names
-    series = requests.get(nbia_archive.url + "/services/v2/getSeries",
+    series = requests.get(nbia_archive_legacy.url + "/services/v2/getSeries",
                           params={"Collection": "Phantom-Restricted"}, headers=h).json()
     uid = series[0]["SeriesInstanceUID"]
-    assert requests.get(nbia_archive.url + "/services/v2/getImage", headers=h,
+    assert requests.get(nbia_archive_legacy.url + "/services/v2/getImage", headers=h,
                         params={"SeriesInstanceUID": uid}).status_code == 200
-    guest = token(nbia_archive)["access_token"]
-    r = requests.get(nbia_archive.url + "/services/v2/getImage",
+    guest = token(nbia_archive_legacy)["access_token"]
+    r = requests.get(nbia_archive_legacy.url + "/services/v2/getImage",
                      headers={"Authorization": f"Bearer {guest}"}, params={"SeriesInstanceUID": uid})
     assert r.status_code == 400 and "has not been granted the access" in r.text
-    assert v1(nbia_archive, "getSeries", Collection="Phantom-Restricted").content == b""
+    assert v1(nbia_archive_legacy, "getSeries", Collection="Phantom-Restricted").content == b""
 
 
-def test_v1_is_anonymous_and_ignores_authorization(nbia_archive):
-    r = requests.get(nbia_archive.url + "/services/v1/getCollectionValues",
+def test_v1_is_anonymous_and_ignores_authorization(nbia_archive_legacy):
+    r = requests.get(nbia_archive_legacy.url + "/services/v1/getCollectionValues",
                      headers={"Authorization": "Bearer garbage"})
     assert r.status_code == 200 and r.json()
 
@@ -371,74 +371,74 @@ def _first_image(archive):
     return s.uid, s.instances[0]
 
 
-def test_image_outage_and_recovery(nbia_archive):
-    uid, inst = _first_image(nbia_archive)
+def test_image_outage_and_recovery(nbia_archive_legacy):
+    uid, inst = _first_image(nbia_archive_legacy)
     params = {"SeriesInstanceUID": uid, "SOPInstanceUID": inst.sop_uid}
-    nbia_archive.set_faults(image_outage=True)
-    assert v1(nbia_archive, "getSingleImage", **params).status_code == 500
-    assert v1(nbia_archive, "getSeries").status_code == 200
-    nbia_archive.clear_faults()
-    assert v1(nbia_archive, "getSingleImage", **params).content == inst.path.read_bytes()
+    nbia_archive_legacy.set_faults(image_outage=True)
+    assert v1(nbia_archive_legacy, "getSingleImage", **params).status_code == 500
+    assert v1(nbia_archive_legacy, "getSeries").status_code == 200
+    nbia_archive_legacy.clear_faults()
+    assert v1(nbia_archive_legacy, "getSingleImage", **params).content == inst.path.read_bytes()
 
 
-def test_truncated_single_image_is_short_of_content_length(nbia_archive):
-    uid, inst = _first_image(nbia_archive)
-    nbia_archive.set_faults(truncate_images=1.0)
+def test_truncated_single_image_is_short_of_content_length(nbia_archive_legacy):
+    uid, inst = _first_image(nbia_archive_legacy)
+    nbia_archive_legacy.set_faults(truncate_images=1.0)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        v1(nbia_archive, "getSingleImage", SeriesInstanceUID=uid, SOPInstanceUID=inst.sop_uid)
+        v1(nbia_archive_legacy, "getSingleImage", SeriesInstanceUID=uid, SOPInstanceUID=inst.sop_uid)
 
 
-def test_zip_cut_short_still_ends_with_200(nbia_archive):
-    uid, _ = _first_image(nbia_archive)
-    full = len(nbia_archive.index.series_by_uid[uid].instances)
-    nbia_archive.set_faults(zip_drop_entries=1)
-    r = v1(nbia_archive, "getImage", SeriesInstanceUID=uid)
+def test_zip_cut_short_still_ends_with_200(nbia_archive_legacy):
+    uid, _ = _first_image(nbia_archive_legacy)
+    full = len(nbia_archive_legacy.index.series_by_uid[uid].instances)
+    nbia_archive_legacy.set_faults(zip_drop_entries=1)
+    r = v1(nbia_archive_legacy, "getImage", SeriesInstanceUID=uid)
     assert r.status_code == 200
     assert len(zipfile.ZipFile(io.BytesIO(r.content)).namelist()) == full  # LICENSE + full - 1
-    nbia_archive.set_faults(zip_drop_entries=0, zip_truncate=True)
-    r = v1(nbia_archive, "getImage", SeriesInstanceUID=uid)
+    nbia_archive_legacy.set_faults(zip_drop_entries=0, zip_truncate=True)
+    r = v1(nbia_archive_legacy, "getImage", SeriesInstanceUID=uid)
     assert r.status_code == 200
     with pytest.raises(zipfile.BadZipFile):
         zipfile.ZipFile(io.BytesIO(r.content))
 
 
-def test_stall_never_answers_until_lifted(nbia_archive):
-    nbia_archive.set_faults(stall="all")
+def test_stall_never_answers_until_lifted(nbia_archive_legacy):
+    nbia_archive_legacy.set_faults(stall="all")
     with pytest.raises(requests.exceptions.ReadTimeout):
-        v1_timeout = requests.get(nbia_archive.url + "/services/v1/getSeries", timeout=0.5)
+        v1_timeout = requests.get(nbia_archive_legacy.url + "/services/v1/getSeries", timeout=0.5)
         assert v1_timeout is None
-    nbia_archive.clear_faults()
-    assert v1(nbia_archive, "getCollectionValues").status_code == 200
+    nbia_archive_legacy.clear_faults()
+    assert v1(nbia_archive_legacy, "getCollectionValues").status_code == 200
 
 
-def test_bandwidth_cap_paces_the_body(nbia_archive):
-    uid, _ = _first_image(nbia_archive)
+def test_bandwidth_cap_paces_the_body(nbia_archive_legacy):
+    uid, _ = _first_image(nbia_archive_legacy)
     import time
     from nbiafs.archive.faults import BURST_S
-    nbia_archive.set_faults(connection_mbit_s=0.1)  # 12.5 kB/s
+    nbia_archive_legacy.set_faults(connection_mbit_s=0.1)  # 12.5 kB/s
     start = time.monotonic()
-    body = v1(nbia_archive, "getImage", SeriesInstanceUID=uid).content
+    body = v1(nbia_archive_legacy, "getImage", SeriesInstanceUID=uid).content
     elapsed = time.monotonic() - start
     assert len(body) / 12_500 > 0.5
     assert elapsed >= len(body) / 12_500 - BURST_S - 0.01
 
 
-def test_counters_per_endpoint_and_token_over_http(nbia_archive, v2):
-    nbia_archive.reset_counters()
+def test_counters_per_endpoint_and_token_over_http(nbia_archive_legacy, v2):
+    nbia_archive_legacy.reset_counters()
     v2("getSeries")
     v2("getSeries")
-    v1(nbia_archive, "getCollectionValues")
-    over_http = requests.get(nbia_archive.url.replace("/nbia-api", "/_nbiafs/counters")).json()
-    assert over_http == nbia_archive.counters()
+    v1(nbia_archive_legacy, "getCollectionValues")
+    over_http = requests.get(nbia_archive_legacy.url.replace("/nbia-api", "/_nbiafs/counters")).json()
+    assert over_http == nbia_archive_legacy.counters()
     assert over_http["endpoints"] == {"getSeries": 2, "getCollectionValues": 1}
     assert list(over_http["tokens"].values()) == [2]
     assert list(over_http["tokens"])[0].startswith("nbia_guest#")
 
 
-def test_faults_over_http(nbia_archive):
-    admin = nbia_archive.url.replace("/nbia-api", "/_nbiafs/faults")
+def test_faults_over_http(nbia_archive_legacy):
+    admin = nbia_archive_legacy.url.replace("/nbia-api", "/_nbiafs/faults")
     assert requests.post(admin, data=json.dumps({"latency_s": 0.01})).json()["latency_s"] == 0.01
-    assert nbia_archive.faults.latency_s == 0.01
+    assert nbia_archive_legacy.faults.latency_s == 0.01
     assert requests.post(admin, data=json.dumps({"bogus": 1})).status_code == 400
     requests.post(admin, data=json.dumps({"clear": True}))
-    assert nbia_archive.faults.latency_s == 0.0
+    assert nbia_archive_legacy.faults.latency_s == 0.0

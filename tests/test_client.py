@@ -46,8 +46,8 @@ def test_tolerant_parsing():
     assert (s.image_count, s.file_size, s.number, s.description) == (1234, 5, 7, None)
     assert models.SeriesSize.parse({}) is None
     assert models.SeriesSize.parse({"TotalSizeInBytes": "10", "ObjectCount": 2}) == models.SeriesSize(10, 2)
-    meta = models.SeriesMetadata.parse({"Series UID": "1", "Number of Images": "4", "File Size": "99"})
-    assert (meta.image_count, meta.file_size) == (4, 99)
+    meta = models.Series.parse({"Series UID": "1", "Number of Images": "4", "File Size": "99"})
+    assert (meta.series_uid, meta.image_count, meta.file_size) == ("1", 4, 99)
     assert models.values([{}, {"BodyPartExamined": "CHEST"}], "BodyPartExamined") == ["CHEST"]
     assert models.as_int("garbage") is None and models.as_int(True) is None
 
@@ -72,9 +72,8 @@ def test_every_endpoint(client, nbia_archive):
     assert sorted(client.get_sop_instance_uids(big.uid)) == sorted(i.sop_uid for i in big.instances)
     assert client.get_series_size(big.uid) == models.SeriesSize(big.total_size, len(big.instances))
     assert client.get_series_size("1.2.3") is None
-    assert client.get_series_metadata(big.uid).image_count == len(big.instances)
-    assert client.get_series_metadata("1.2.3") is None
-    assert len(client.get_contents_by_name("nbia-demo-cart")) == 2
+    [meta] = client.get_series_metadata([big.uid, "1.2.3"])
+    assert (meta.series_uid, meta.image_count, meta.file_size) == (big.uid, len(big.instances), big.total_size)
     inst = big.instances[0]
     assert client.get_single_image_bytes(big.uid, inst.sop_uid) == inst.path.read_bytes()
 
@@ -87,25 +86,69 @@ def test_series_zip_streamed_to_disk(client, nbia_archive, tmp_path):
     names = zipfile.ZipFile(dest).namelist()
     assert names[0] == "LICENSE" and len(names) == len(big.instances) + 1
     assert [p.name for p in tmp_path.iterdir()] == ["series.zip"]
-    with pytest.raises(NotFound):
+    with pytest.raises(NotAuthorized):  # v4: an unknown series is "not granted"
         client.download_series_zip("1.2.3.4", tmp_path / "x.zip")
     assert not (tmp_path / "x.zip").exists()
 
 
-def test_v1_anonymous(nbia_archive):
+def test_v1_anonymous(nbia_archive_legacy):
+    nbia_archive = nbia_archive_legacy
     with NbiaClient(fast_config(nbia_archive, api="v1")) as c:
         assert c.auth is None and "Phantom-Thorax-CT" in c.get_collection_values()
+        assert len(c.get_contents_by_name("nbia-demo-cart")) == 2
     assert "oauth/token:password" not in nbia_archive.counters()["endpoints"]
 
 
-def test_genuinely_empty_answer_is_checked_once_and_returned(client, nbia_archive):
+def test_v2_client_against_the_legacy_archive(nbia_archive_legacy, tmp_path):
+    archive = nbia_archive_legacy
+    big = big_series(archive)
+    with NbiaClient(fast_config(archive, api="v2")) as c:
+        assert c.auth is not None and c.user == "nbia_guest"
+        [meta] = c.get_series_metadata([big.uid])  # getSeriesMetaData, keys with spaces
+        assert (meta.series_uid, meta.image_count) == (big.uid, len(big.instances))
+        assert c.get_md5(big.instances[0].sop_uid) is None  # v4 only
+        assert len(c.get_contents_by_name("nbia-demo-cart")) == 2
+        with pytest.raises(NotFound):
+            c.download_series_zip("1.2.3.4", tmp_path / "x.zip")
+    assert set(archive.counters()["versions"]) == {"v2"}
+
+
+def test_v4_guest_needs_no_token(client, nbia_archive):
+    assert client.api == "v4" and client.negotiated and client.auth is None and client.user == "nbia_guest"
+    assert client.get_collection_values() == ["Phantom-Body-MR", "Phantom-Thorax-CT"]
+    counts = nbia_archive.counters()
+    assert not any(k.startswith(("oauth", "logout")) for k in counts["endpoints"])
+    assert counts["versions"] == {"v4": counts["total"]}
+
+
+def test_genuinely_empty_answer_is_checked_once_and_returned(nbia_archive_legacy):
+    with NbiaClient(fast_config(nbia_archive_legacy, api="v2")) as client:
+        nbia_archive_legacy.reset_counters()
+        assert client.get_patient_studies("Phantom-Thorax-CT", "NOSTUDY-001") == []
+    counts = nbia_archive_legacy.counters()["endpoints"]
+    assert counts == {"getPatientStudy": 1, "getCollectionValues": 1, "logout": 1}
+
+
+def test_v4_guest_empty_answer_is_believed_without_a_check(client, nbia_archive):
     nbia_archive.reset_counters()
     assert client.get_patient_studies("Phantom-Thorax-CT", "NOSTUDY-001") == []
-    counts = nbia_archive.counters()["endpoints"]
-    assert counts == {"getPatientStudy": 1, "getCollectionValues": 1}
+    assert nbia_archive.counters()["endpoints"] == {"getPatientStudy": 1}
 
 
-def test_empty_answer_from_a_dead_token_is_never_returned(client, nbia_archive):
+@pytest.fixture(params=["v2-guest", "v4-user"])
+def token_client(request, nbia_archive):
+    """A client with a token session: the guest's on v2, a named user's on v4."""
+    if request.param == "v2-guest":
+        nbia_archive.set_versions("v1", "v2", "v4")
+        c = NbiaClient(fast_config(nbia_archive, api="v2"))
+    else:
+        c = NbiaClient(fast_config(nbia_archive), Credentials(USER, PASSWORD))
+    with c:
+        yield c
+
+
+def test_empty_answer_from_a_dead_token_is_never_returned(token_client, nbia_archive):
+    client = token_client
     expected = len(client.get_series(collection="Phantom-Thorax-CT"))
     nbia_archive.tokens.expire_all()  # the client still believes its token is valid
     assert len(client.get_series(collection="Phantom-Thorax-CT")) == expected
@@ -114,7 +157,8 @@ def test_empty_answer_from_a_dead_token_is_never_returned(client, nbia_archive):
     assert len(client.get_series(collection="Phantom-Thorax-CT")) == expected
 
 
-def test_download_with_dead_token_renews_once_and_retries(client, nbia_archive):
+def test_download_with_dead_token_renews_once_and_retries(token_client, nbia_archive):
+    client = token_client
     big = big_series(nbia_archive)
     nbia_archive.tokens.expire_all()
     nbia_archive.reset_counters()
@@ -133,13 +177,14 @@ def test_restricted_series_is_not_authorized_for_guest(client, nbia_archive, tmp
 
 # --------------------------------------------------------------------------- tokens over time
 def test_long_run_across_token_lifetimes_needs_one_login(nbia_archive):
-    """15 s of listings and reads by 4 threads with 3 s tokens: all complete, one password grant."""
+    """15 s of listings and reads by 4 threads with 3 s tokens: all complete, one password grant
+    (a named user on v4: the token session is kept on v4)."""
     nbia_archive.tokens.access_lifetime_s = 3.0
     nbia_archive.tokens.refresh_lifetime_s = 6.0
     big = big_series(nbia_archive)
-    expected_series = len(list(nbia_archive.index.iter_series("nbia_guest")))
+    expected_series = len(list(nbia_archive.index.iter_series(USER)))
     errors, calls = [], [0]
-    with NbiaClient(fast_config(nbia_archive)) as c:
+    with NbiaClient(fast_config(nbia_archive), Credentials(USER, PASSWORD)) as c:
         stop = time.monotonic() + 15.0
 
         def worker(k):
@@ -168,7 +213,7 @@ def test_long_run_across_token_lifetimes_needs_one_login(nbia_archive):
 
 def test_rejected_refresh_token_leads_to_fresh_login_without_failed_call(nbia_archive):
     nbia_archive.tokens.access_lifetime_s = 2.0
-    with NbiaClient(fast_config(nbia_archive)) as c:
+    with NbiaClient(fast_config(nbia_archive), Credentials(USER, PASSWORD)) as c:
         n = len(c.get_series())
         nbia_archive.tokens.revoke_refresh_tokens()
         stop = time.monotonic() + 4.0
@@ -234,7 +279,7 @@ def test_permanent_outage_is_archive_unavailable_within_budget(nbia_archive):
 
 def test_stall_is_bounded_by_the_budget(nbia_archive):
     nbia_archive.set_faults(stall="all")
-    with NbiaClient(replace(fast_config(nbia_archive, api="v1"), metadata_budget_s=2.0)) as c:
+    with NbiaClient(replace(fast_config(nbia_archive, api="v4"), metadata_budget_s=2.0)) as c:
         start = time.monotonic()
         with pytest.raises(ArchiveUnavailable):
             c.get_series()

@@ -45,16 +45,24 @@ def test_status_shows_the_mount_without_secrets(nbia_archive, mount_factory):
                           check=True).stdout
     command = nbiafs("status", str(m.mountpoint))
     assert command.returncode == 0 and command.stdout.splitlines()[1:3] == text.splitlines()[1:3]
-    assert field(text, "archive") == f"{nbia_archive.url} (API v2)"
-    assert field(text, "user") == USER
+    assert field(text, "archive") == f"{nbia_archive.url} (API v4, found by asking the archive)"
+    assert field(text, "user") == USER  # a named user keeps the token session on v4
     assert field(text, "token").startswith("valid for 1:5")  # a 2 h token, just granted
     assert "files, in " + str(m.cache_dir) in field(text, "cache")
     opens = field(text, "opens")
     assert opens.split()[0] == str(int(opens.split()[0])) and "from the cache" in opens
+    assert field(text, "integrity").startswith("3 instances matched the archive's md5 (0 from zips), 0 without")
     assert field(text, "errors").startswith("1 (last:") and names[-1] in field(text, "errors")
     for secret in [PASSWORD, *nbia_archive.tokens.issued]:
         assert secret not in text
     print("[figure] status:\n" + text)
+
+
+def test_status_of_a_v4_guest_mount_has_no_token(nbia_archive, mount_factory):
+    m = mount_factory(nbia_archive.url, name="guest")
+    text = m.path(".nbiafs", "status").read_text()
+    assert field(text, "user").startswith("nbia_guest (no token")
+    assert not any(line.startswith("token:") for line in text.splitlines())
 
 
 def test_status_of_a_directory_that_is_not_a_mount(tmp_path):
@@ -74,8 +82,8 @@ def test_cache_info_and_clear(nbia_archive, mount_factory, tmp_path):
 
     info = nbiafs("cache", "info", "--cache-dir", str(cache))
     assert info.returncode == 0, info.stderr
-    assert f"{nbia_archive.url} (API v2), user nbia_guest" in info.stdout
-    assert f"{nbia_archive.url} (API v2), user {USER}" in info.stdout
+    assert f"{nbia_archive.url} (API v4), user nbia_guest" in info.stdout
+    assert f"{nbia_archive.url} (API v4), user {USER}" in info.stdout
     assert PASSWORD not in info.stdout
 
     res = nbiafs("cache", "clear", "--cache-dir", str(cache))

@@ -64,7 +64,8 @@ def test_manifest_lists_exactly_its_series(nbia_archive, mount_factory, tmp_path
     assert "1 of the 4 series of the manifest are not in the archive" in m.log()
 
 
-def test_cart_lists_exactly_its_series(nbia_archive, mount_factory):
+def test_cart_lists_exactly_its_series(nbia_archive_legacy, mount_factory):
+    nbia_archive = nbia_archive_legacy  # carts: getContentsByName lives on v1/v2 only
     cart = nbia_archive.index.carts["nbia-demo-cart"]
     m = mount_factory(nbia_archive.url, name="cart", extra=("--cart", "nbia-demo-cart"))
     assert series_on(m.mountpoint) == {series_path(nbia_archive.index.series_by_uid[u]) for u in cart}
@@ -99,7 +100,17 @@ def test_bad_manifests(tmp_path, text, message):
     assert not os.path.ismount(mnt)
 
 
-def test_unknown_cart_is_one_line(nbia_archive, tmp_path):
+def test_cart_on_a_v4_only_archive_is_one_line(nbia_archive, tmp_path):
+    (tmp_path / "m").mkdir()
+    res = subprocess.run([sys.executable, "-m", "nbiafs", "mount", str(tmp_path / "m"), "--url", nbia_archive.url,
+                          "--cache-dir", str(tmp_path / "c"), "--cart", "nbia-demo-cart", "-f"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "never moved to API v4" in res.stderr and not os.path.ismount(tmp_path / "m")
+
+
+def test_unknown_cart_is_one_line(nbia_archive_legacy, tmp_path):
+    nbia_archive = nbia_archive_legacy
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     res = subprocess.run([sys.executable, "-m", "nbiafs", "mount", str(mnt), "--url", nbia_archive.url,
@@ -109,7 +120,8 @@ def test_unknown_cart_is_one_line(nbia_archive, tmp_path):
     assert not os.path.ismount(mnt)
 
 
-def test_cart_unreadable_because_the_archive_fails_is_one_line(nbia_archive, tmp_path):
+def test_cart_unreadable_because_the_archive_fails_is_one_line(nbia_archive_legacy, tmp_path):
+    nbia_archive = nbia_archive_legacy
     nbia_archive.set_faults(corrupt_json=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()

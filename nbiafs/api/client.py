@@ -65,6 +65,7 @@ PRESETS = {"tcia": PRODUCTION_ROOT, "nlst": NLST_ROOT}
 API_CHOICES = ("auto", "v4", "v2", "v1")
 VERSIONS = ("v4", "v2", "v1")   # the order `auto` tries them in
 METADATA_BATCH = 10_000          # UIDs per POST getSeriesMetadata (tcia-utils' chunk; the server's limit)
+VERSION_CHECK_ATTEMPTS = 3
 MD5_HEX = re.compile(r"^[0-9a-fA-F]{32}$")
 MD5_WAIT_MIN_S = 1.0             # after the image, how long its md5 answer is waited for at least
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -269,14 +270,20 @@ class NbiaClient:
             if r.status_code in RETRY_STATUSES:
                 raise _Retry(f"HTTP {r.status_code}", _retry_after(r))
             return r.status_code
-        return self._with_retries("API version check", self.config.metadata_budget_s, attempt)
+        # A few tries (about 1.5 s): at mount time an unreachable archive is said at once, and a
+        # mount with a warm cache starts from it (mount.py) instead of waiting out a full budget.
+        return self._with_retries("API version check", self.config.metadata_budget_s, attempt,
+                                  attempts=VERSION_CHECK_ATTEMPTS, announce=False)
 
     # ------------------------------------------------------------------ transport
-    def _with_retries(self, what: str, budget_s: float, attempt_fn):
-        """Run `attempt_fn()` until it returns, raising _Retry to go again; bounded in tries and time."""
+    def _with_retries(self, what: str, budget_s: float, attempt_fn, attempts: int | None = None,
+                      announce: bool = True):
+        """Run `attempt_fn()` until it returns, raising _Retry to go again; bounded in tries and time.
+        `announce`: log (once) that the archive is not answering when it gives up."""
         deadline = self._clock() + budget_s
         state: dict = {"deadline": deadline}
-        for attempt in range(1, self.config.attempts + 1):
+        attempts = attempts or self.config.attempts
+        for attempt in range(1, attempts + 1):
             try:
                 result = attempt_fn(state)
             except _Retry as exc:
@@ -284,10 +291,10 @@ class NbiaClient:
                 if wait is None:
                     cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
                     wait = cap / 2 + random.uniform(0, cap / 2)
-                if attempt == self.config.attempts or self._clock() + wait >= deadline:
+                if attempt == attempts or self._clock() + wait >= deadline:
                     if exc.integrity:
                         raise IntegrityError(f"{what}: {exc} (after {attempt} attempts)") from None
-                    if not self.failing:
+                    if announce and not self.failing:
                         self.failing = True
                         log.warning("the archive is not answering (%s: %s); calls fail with EIO until "
                                     "it does", what, exc)
@@ -526,7 +533,14 @@ class NbiaClient:
         """A shared cart. getContentsByName was never moved to v4 (tcia-utils asks v1 too): on v4
         it is asked on v2 with a token session, else on v1."""
         version = None if self.api != "v4" else ("v2" if self.auth is not None else "v1")
-        return models.parse_rows(self._query("getContentsByName", version=version, name=cart), models.Series.parse)
+        try:
+            rows = self._query("getContentsByName", version=version, name=cart)
+        except NotFound as exc:
+            if "no such endpoint" not in str(exc):
+                raise
+            raise NoSuchApi(f"shared carts are read with getContentsByName, which TCIA never moved to API v4, "
+                            f"and this archive does not serve {version or self.api}") from None
+        return models.parse_rows(rows, models.Series.parse)
 
     def get_md5(self, sop_uid: str) -> str | None:
         """The archive's md5 of one instance (v4 getMD5HashForImage), None where it has none."""
