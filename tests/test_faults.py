@@ -262,3 +262,55 @@ def test_free_disk_floor_on_a_small_disk(nbia_archive_factory, mount_factory, tm
         m.stop()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# --------------------------------------------------------------------------- integrity (v4 md5)
+def test_single_fetch_whose_md5_differs_is_eio_and_never_cached(nbia_archive, mount_factory):
+    """getMD5HashForImage disagrees with every body: each download is refetched, then EIO."""
+    m = mount_factory(nbia_archive.url, name="md5", extra=("--timeout", str(BUDGET_S), "--no-prefetch"))
+    series = two_series(nbia_archive)[0]
+    folder = m.path(series_path(series))
+    names = sorted(os.listdir(folder))
+    before = blob_files(m.cache_dir)
+    nbia_archive.reset_counters()
+    nbia_archive.set_faults(wrong_md5=True)
+    elapsed = eio_within_budget(lambda: (folder / names[0]).read_bytes())
+    counts = nbia_archive.counters()["endpoints"]
+    assert counts["getSingleImage"] >= 2 and counts["getMD5HashForImage"] >= counts["getSingleImage"]  # asked again
+    assert blob_files(m.cache_dir) == before and "md5" in m.log()
+    figure(f"wrong md5: EIO after {elapsed:.2f} s, {counts['getSingleImage']} downloads, nothing cached")
+    nbia_archive.clear_faults()
+    assert (folder / names[0]).read_bytes() == truth(series, names[0])
+    status = m.path(".nbiafs", "status").read_text()
+    assert "1 instances matched the archive's md5" in status and "mismatches refetched" in status
+
+
+@pytest.mark.parametrize("fault", [{}, {"old_v4": True}, {"wrong_zip_md5": True}],
+                         ids=["IncludeMD5", "old-v4", "wrong-md5-list"])
+def test_series_zip_entries_are_checked_against_its_md5_list(nbia_archive, mount_factory, tmp_path, fault):
+    """The zip's md5hashes.csv (IncludeMD5=Yes; getImageWithMD5Hash on a v4 build without it)
+    checks every entry before it is stored; entries that disagree are fetched on their own."""
+    series = max(public_series(nbia_archive), key=lambda s: len(s.instances))
+    m = mount_factory(nbia_archive.url, name="zipmd5")
+    folder = m.path(series_path(series))
+    names = sorted(os.listdir(folder))
+    nbia_archive.reset_counters()
+    nbia_archive.set_faults(**fault)
+    subprocess.run(["cp", "-r", str(folder), str(tmp_path / "copy")], check=True)
+    got = {p.name: md5(p) for p in (tmp_path / "copy").iterdir()}
+    assert got == {f"{i.sop_uid}.dcm": i.md5 for i in series.instances}
+    counts = nbia_archive.counters()["endpoints"]
+    status = m.path(".nbiafs", "status").read_text()
+    zips = counts.get("getImage", 0) + counts.get("getImageWithMD5Hash", 0)
+    if fault.get("old_v4"):  # refused once (400), then the endpoint that always has the list
+        assert counts["getImage"] == 1 and counts["getImageWithMD5Hash"] == 1
+        assert "does not take IncludeMD5" in m.log()
+    else:
+        assert zips == 1 and "getImageWithMD5Hash" not in counts
+    if fault.get("wrong_zip_md5"):  # every zip entry refetched on its own, verified
+        assert f"{len(names) - 2} mismatches refetched" in status, status
+        assert counts["getSingleImage"] == len(names)
+        assert "the archive's list says" in m.log()
+    else:
+        assert f"({len(names) - 2} from zips)" in status, status
+    figure(f"zip md5 check {fault or 'IncludeMD5'}: requests {counts}")

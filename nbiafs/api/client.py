@@ -192,6 +192,9 @@ class NbiaClient:
         ArchiveUnavailable, AuthenticationFailed, UntrustedCertificate or NoSuchApi."""
         if self.api is None:
             self._negotiate()
+        elif self.api in ("v4", "v1") and self._status_of(self.services_url + "getCollectionValues") in (404, 405):
+            raise NoSuchApi(f"{self.root} does not speak API {self.api} (services/{self.api} answers 404); "
+                            "try --api auto")
         if self.auth is not None and not self.auth.logged_in:
             self.auth.login()
         return self
@@ -569,7 +572,7 @@ class NbiaClient:
         """
         params = {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
         verify = self.config.verify_md5 if verify_md5 is None else verify_md5
-        md5 = self._md5_pool_submit(sop_uid) if verify and self.api == "v4" else None
+        md5 = [self._md5_pool_submit(sop_uid)] if verify and self.api == "v4" else None
         return self._with_retries("getSingleImage", self.config.image_budget_s,
                                   lambda state: self._single_image_once(params, dest, state, md5))
 
@@ -589,7 +592,9 @@ class NbiaClient:
             return None
 
     def _single_image_once(self, params: dict, dest: BinaryIO, state: dict,
-                           md5: concurrent.futures.Future | None = None) -> int:
+                           md5: list | None = None) -> int:
+        """One attempt; `md5` holds the future of the archive's md5 (asked again after a
+        mismatch: either side may have been wrong)."""
         dest.seek(0)
         dest.truncate()
         started = self._clock()
@@ -606,7 +611,11 @@ class NbiaClient:
             raise _Retry("not a DICOM Part-10 file (no DICM at offset 128)", integrity=True)
         dest.seek(0, os.SEEK_END)
         if md5 is not None:
-            self._check_md5(md5, hasher.hexdigest(), self._clock() - started, state, params["SOPInstanceUID"])
+            try:
+                self._check_md5(md5[0], hasher.hexdigest(), self._clock() - started, state, params["SOPInstanceUID"])
+            except _Retry:
+                md5[0] = self._md5_pool_submit(params["SOPInstanceUID"])
+                raise
         return size
 
     def _check_md5(self, md5: concurrent.futures.Future, actual: str, took_s: float, state: dict,

@@ -30,7 +30,9 @@ class Faults:
     truncate_images: float = 0.0      # this fraction of getSingleImage bodies is cut short
     zip_drop_entries: int = 0         # getImage zips miss their last N files (still a valid zip, 200)
     zip_truncate: bool = False        # getImage zips end before their central directory (200)
-    wrong_md5: bool = False           # md5hashes.csv and getMD5HashForImage give wrong hashes
+    wrong_md5: bool = False           # getMD5HashForImage gives a wrong hash
+    wrong_zip_md5: bool = False       # md5hashes.csv of zips lists wrong hashes
+    old_v4: bool = False              # v4 as built before 2025-11-26: getImage refuses IncludeMD5
     corrupt_images: str = ""          # "html": an HTML page with 200; "nodicm": no DICM magic
     corrupt_json: bool = False        # metadata answers are cut mid-JSON
     token_outage: bool = False        # the token endpoint answers 503

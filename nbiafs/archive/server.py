@@ -235,15 +235,17 @@ class _Handler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_PUT
 
     def _dispatch(self):
+        self._body_read = False
         parts = urlsplit(self.path)
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
         path = parts.path.rstrip("/")
         try:
             if path.startswith("/_nbiafs/"):
                 return self._admin(path[len("/_nbiafs/"):])
-            if path == "/nbia-api/oauth/token":
+            tokens = bool(self.archive.versions & {"v2", "v4"})  # v1 alone has no token session
+            if path == "/nbia-api/oauth/token" and tokens:
                 return self._token()
-            if path == "/nbia-api/logout":
+            if path == "/nbia-api/logout" and tokens:
                 return self._logout()
             segs = path.split("/")
             if len(segs) == 5 and segs[1:3] == ["nbia-api", "services"] and segs[3] in self.archive.versions:
@@ -258,6 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, ctype: str | None = "application/json",
               headers: dict | None = None, link: Throttle | None = None):
+        if not self._body_read:  # a request body left unread would be taken for the next request
+            self._read_form_pairs()
         self.send_response(status)
         if ctype:
             self.send_header("Content-Type", ctype)
@@ -281,6 +285,9 @@ class _Handler(BaseHTTPRequestHandler):
         return dict(self._read_form_pairs())
 
     def _read_form_pairs(self) -> list[tuple[str, str]]:
+        if self._body_read:
+            return []
+        self._body_read = True
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
         return parse_qsl(body, keep_blank_values=True)
@@ -451,7 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, inst in instances:
             deflated, meta = self.archive.deflated.get(deflate_name(series.uid, inst.sop_uid), inst.path)
             writer.add_deflated(name, deflated, meta)
-            hashes.append((name, "0" * 32 if faults.wrong_md5 else inst.md5))
+            hashes.append((name, "0" * 32 if faults.wrong_zip_md5 else inst.md5))
         if md5:
             rows = "".join(f"{n},{h}\n" for n, h in sorted(hashes, key=lambda r: r[1]))
             writer.add_bytes("md5hashes.csv", ("Filename,MD5Hash\n" + rows).encode())
@@ -486,7 +493,7 @@ class _Handler(BaseHTTPRequestHandler):
             if endpoint == "getSeries":
                 return self._send(500, SERVER_ERROR_BODY, "text/plain")
             return self._send(200, b"", None)
-        error = None if posted else archive.param_check.error(endpoint, params)
+        error = None if posted else archive.param_check.error(endpoint, params, old=faults.old_v4)
         if error:
             return self._send(400, error.encode(), "application/json")
         try:
@@ -584,6 +591,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "POST":
                 length = int(self.headers.get("Content-Length") or 0)
                 try:
+                    self._body_read = True
                     changes = json.loads(self.rfile.read(length) or b"{}")
                     if changes.pop("clear", False):
                         archive.clear_faults()

@@ -120,13 +120,18 @@ class ParameterCheck:
         self._rng.shuffle(names)
         return names
 
-    def error(self, endpoint: str, params: dict) -> str | None:
+    def error(self, endpoint: str, params: dict, old: bool = False) -> str | None:
+        """The 400 sentence for the first unknown key, or None. `old`: a build from before
+        IncludeMD5 (2025-11-26), which getImage refuses."""
         allowed = ALLOWED.get(endpoint)
         if allowed is None:
             return None
+        order = self._order[endpoint]
+        if old and endpoint == "getImage":
+            allowed, order = allowed - {"IncludeMD5"}, [k for k in order if k != "IncludeMD5"]
         for key in params:
             if key not in allowed:  # case-sensitive: `collection=` is refused
-                return PARAMS_ERROR.format(key=key, allowed=", ".join(self._order[endpoint]))
+                return PARAMS_ERROR.format(key=key, allowed=", ".join(order))
         return None
 
 
