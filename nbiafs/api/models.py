@@ -17,7 +17,9 @@ same on every version (docs/SEMANTICS.md, "API versions"):
 - dates: ISO `YYYY-MM-DD` (v4 gives no time of day, so neither does v1/v2 here);
 - `Authorized` (always 1: the server returns only rows the user may see) and
   `PatientBirthDate` (removed from TCIA's API in 2025) are dropped;
-- `AnnotationsFlag` is a boolean; counts and sizes are integers.
+- `AnnotationsFlag` is a boolean; counts and sizes are integers;
+- a patient without `Phantom`, `SpeciesCode` or `SpeciesDescription` gets what v4 answers
+  for a NULL there (`NO`, `337915000`, `Homo sapiens`).
 
 The normalized record is kept (`raw`) so the filesystem can show every column as
 an extended attribute.
@@ -47,6 +49,8 @@ RENAMED = {
     "Annotation Size": "AnnotationSize", "File Location": "FileLocation",
 }
 DROPPED = frozenset({"Authorized", "PatientBirthDate"})
+# What v4 answers for a patient whose column is NULL (shared/nbia-api-v4.md §3), so v1/v2 get it too.
+PATIENT_DEFAULTS = {"Phantom": "NO", "SpeciesCode": "337915000", "SpeciesDescription": "Homo sapiens"}
 DATE_KEYS = frozenset({"StudyDate", "SeriesDate", "DateReleased", "MaxSubmissionTimestamp"})
 INT_KEYS = frozenset({"ImageCount", "FileSize", "SeriesNumber", "SeriesCount", "TotalSizeInBytes",
                       "ObjectCount"})
@@ -139,7 +143,7 @@ class Patient:
 
     @classmethod
     def parse(cls, raw: Mapping) -> "Patient | None":
-        raw = normalize(raw)
+        raw = {**PATIENT_DEFAULTS, **normalize(raw)}  # as v4 fills them: the same on v1/v2
         pid = _patient_id(raw)
         if pid is None:
             return None
