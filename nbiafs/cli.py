@@ -111,6 +111,9 @@ def _add_mount(sub, defaults: dict) -> None:
                    help="concurrent downloads when prefetching a series (default: 8)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="fetch only the files that are opened, never the rest of their series")
+    p.add_argument("--no-verify-md5", action="store_true",
+                   help="do not check downloads against the archive's md5 (v4's getMD5HashForImage and "
+                        "the zips' md5hashes.csv); sizes, DICM and zip CRCs are still checked")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (needs user_allow_other in /etc/fuse.conf)")
@@ -269,6 +272,8 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
         client = replace(client, verify_tls=False)
     if getattr(args, "timeout", None):
         client = replace(client, metadata_budget_s=args.timeout, image_budget_s=args.timeout)
+    if getattr(args, "no_verify_md5", False):
+        client = replace(client, verify_md5=False)
     names = getattr(args, "names", "uid")
     if names not in ("uid", "readable"):  # from a config file or -o, which argparse does not check
         raise CliError(f"names = {names!r}: use uid or readable")

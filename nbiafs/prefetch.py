@@ -200,7 +200,7 @@ class Prefetcher:
         held: dict[str, tuple[str, str, str, int, str]] = {}  # entry name -> key, sop, path, size, md5
         md5s: dict[str, str] | None = None
         try:
-            with self.client.open_series_zip(uid, with_md5=True) as response:
+            with self.client.open_series_zip(uid, with_md5=self.client.config.verify_md5) as response:
                 chunks = response.iter_content(256 * 1024)
                 for name, entry in iter_entries(chunks, self.cache.held_file):
                     if name == MD5_LIST:
@@ -234,8 +234,10 @@ class Prefetcher:
 
     def _deliver_held(self, uid: str, held: dict, md5s: dict | None, claimed: set[str]) -> None:
         """Store each held entry that matches the archive's md5 (or, with no md5 list, its CRC
-        alone); an entry whose md5 differs stays claimed-then-released: fetched on its own."""
-        for name, (key, sop, path, size, md5) in held.items():
+        alone); an entry whose md5 differs stays claimed-then-released: fetched on its own.
+        In name order, the order folder readers open them in: the first reader goes on while
+        the rest are stored."""
+        for name, (key, sop, path, size, md5) in sorted(held.items(), key=lambda item: item[1][1]):
             try:
                 if self._stop.is_set():  # unmounting: the cache is closing
                     continue

@@ -37,7 +37,7 @@ class SettingsError(Exception):
 MOUNT_SETTINGS = {
     "url": "str", "api": "str", "user": "str", "cache_dir": "str", "cache_size": "str",
     "insecure": "bool", "timeout": "float", "log_level": "str", "log_file": "str",
-    "connections": "int", "no_prefetch": "bool", "allow_other": "bool", "foreground": "bool",
+    "connections": "int", "no_prefetch": "bool", "no_verify_md5": "bool", "allow_other": "bool", "foreground": "bool",
     "names": "str", "previews": "bool",
     "collection": "list", "modality": "list", "manifest": "str", "cart": "str",
 }

@@ -127,7 +127,7 @@ def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
     server.shape(**PROFILES[name])
     rel = rel_path(big)
     sops = sorted(i.sop_uid for i in big.instances)
-    client = NbiaClient(ClientConfig(root_url=server.url, api="v1", pool_size=16))
+    client = NbiaClient(ClientConfig(root_url=server.url, api="v4", pool_size=16, verify_md5=False))
     try:
         # (a) and (d): a fresh mount, parents listed; then a cold cp -r of the series.
         m = MountedArchive(server.url, work / f"{name}-mnt", work / f"{name}-cache", work / f"{name}.log")

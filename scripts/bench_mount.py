@@ -101,7 +101,7 @@ def main() -> int:
             if "Traceback" in log:
                 print(log[-3000:], file=sys.stderr)
 
-        client = NbiaClient(ClientConfig(root_url=archive.url, api="v1"))
+        client = NbiaClient(ClientConfig(root_url=archive.url, api="v4", verify_md5=False))
 
         def bulk():
             client.download_series_zip(series.uid, tmp / "s.zip", new_file_names=True)

@@ -278,8 +278,8 @@ def test_permanent_outage_is_archive_unavailable_within_budget(nbia_archive):
 
 
 def test_stall_is_bounded_by_the_budget(nbia_archive):
-    nbia_archive.set_faults(stall="all")
     with NbiaClient(replace(fast_config(nbia_archive, api="v4"), metadata_budget_s=2.0)) as c:
+        nbia_archive.set_faults(stall="all")
         start = time.monotonic()
         with pytest.raises(ArchiveUnavailable):
             c.get_series()

@@ -58,3 +58,20 @@ def test_bad_spec_is_one_line_and_non_zero(tmp_path):
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("nbiafs: bad archive spec")
     assert "Traceback" not in out.stderr
+
+
+def test_serve_v4_only(nbia_archive_data):
+    proc, url = serve("--spec", "test", "--versions", "v4", data_dir=nbia_archive_data)
+    try:
+        assert requests.get(url + "/services/v4/getCollectionValues", timeout=10).json()
+        for version in ("v1", "v2"):
+            assert requests.get(f"{url}/services/{version}/getCollectionValues", timeout=10).status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_bad_versions_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nbiafs", "serve", "--versions", "v3", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "versions" in out.stderr, out.stderr
