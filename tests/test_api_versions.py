@@ -96,13 +96,14 @@ def test_auto_against_a_v1_archive_is_anonymous(nbia_archive_factory, mount_fact
     assert "(API v1, found by asking the archive)" in status(m) and "anonymous (v1)" in status(m)
 
 
-def test_explicit_version_the_archive_lacks_is_one_line(nbia_archive, tmp_path):
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_explicit_version_the_archive_lacks_is_one_line(nbia_archive, tmp_path, api):
     (tmp_path / "m").mkdir()
     res = subprocess.run([sys.executable, "-m", "nbiafs", "mount", str(tmp_path / "m"), "--url", nbia_archive.url,
-                          "--api", "v1", "--cache-dir", str(tmp_path / "c"), "-f"],
+                          "--api", api, "--cache-dir", str(tmp_path / "c"), "-f"],
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
-    assert "does not speak API v1" in res.stderr and not os.path.ismount(tmp_path / "m")
+    assert f"does not speak API {api}" in res.stderr and not os.path.ismount(tmp_path / "m")
 
 
 def test_no_nbia_api_at_the_url_is_one_line(nbia_archive, tmp_path):

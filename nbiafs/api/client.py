@@ -192,9 +192,16 @@ class NbiaClient:
         ArchiveUnavailable, AuthenticationFailed, UntrustedCertificate or NoSuchApi."""
         if self.api is None:
             self._negotiate()
-        elif self.api in ("v4", "v1") and self._status_of(self.services_url + "getCollectionValues") in (404, 405):
+            return self._login()
+        if self.api != "v2" and self._status_of(self.services_url + "getCollectionValues") in (404, 405):
             raise NoSuchApi(f"{self.root} does not speak API {self.api} (services/{self.api} answers 404); "
                             "try --api auto")
+        self._login()
+        if self.api == "v2" and self._status_of(self.services_url + "getCollectionValues", self.auth) in (404, 405):
+            raise NoSuchApi(f"{self.root} does not speak API v2 (services/v2 answers 404); try --api auto")
+        return self
+
+    def _login(self) -> "NbiaClient":
         if self.auth is not None and not self.auth.logged_in:
             self.auth.login()
         return self
@@ -259,12 +266,12 @@ class NbiaClient:
         self.negotiated = True
         log.debug("the archive at %s speaks API %s", self.root, self.api)
 
-    def _status_of(self, url: str) -> int:
-        """The HTTP status of a GET without a token, retried like any call while the archive
-        fails (connection errors, 5xx)."""
+    def _status_of(self, url: str, auth=None) -> int:
+        """The HTTP status of a GET (without a token unless `auth`), retried like any call while
+        the archive fails (connection errors, 5xx)."""
         def attempt(state):
             try:
-                r = self.http.get(url, timeout=self._timeout(state))
+                r = self.http.get(url, auth=auth, timeout=self._timeout(state))
             except requests.exceptions.SSLError as exc:
                 raise UntrustedCertificate.from_ssl_error(self.root, exc) from None
             except requests.RequestException as exc:
