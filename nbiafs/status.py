@@ -98,15 +98,25 @@ def render_status(src: StatusSources) -> str:
     zips = src.prefetcher.stats["zips"] if src.prefetcher is not None else 0
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
                  f"for prefetch, {zips} series zips")
-    integrity = getattr(src.client, "integrity", None)
-    if integrity is not None and (getattr(src.client, "api", None) == "v4" or any(integrity.values())):
-        zip_checked = src.prefetcher.stats.get("zip_md5_checked", 0) if src.prefetcher is not None else 0
-        lines.append(f"integrity:  {integrity['md5_checked'] + zip_checked} instances matched the archive's md5 "
-                     f"({zip_checked} from zips), {integrity['md5_unknown']} without one, "
-                     f"{integrity['md5_mismatches'] + (src.prefetcher.stats.get('zip_md5_mismatches', 0) if src.prefetcher else 0)} "
-                     "mismatches refetched")
+    integrity = _integrity(src)
+    if integrity is not None:
+        lines.append(f"integrity:  {integrity}")
     lines.append(f"errors:     {src.errors.count}" + (f" (last: {src.errors.last})" if src.errors.last else ""))
     return "\n".join(lines) + "\n"
+
+
+def _integrity(src: StatusSources) -> str | None:
+    """Checks against the archive's md5: single fetches (the client) and zip entries (the
+    prefetcher); shown on v4, or wherever a check was made."""
+    single = getattr(src.client, "integrity", None)
+    if single is None:
+        return None
+    zips = src.prefetcher.stats if src.prefetcher is not None else {}
+    from_zips, zip_mismatches = zips.get("zip_md5_checked", 0), zips.get("zip_md5_mismatches", 0)
+    if getattr(src.client, "api", None) != "v4" and not (any(single.values()) or from_zips or zip_mismatches):
+        return None
+    return (f"{single['md5_checked'] + from_zips} instances matched the archive's md5 ({from_zips} from zips), "
+            f"{single['md5_unknown']} without one, {single['md5_mismatches'] + zip_mismatches} mismatches refetched")
 
 
 def _api(src: StatusSources) -> str:
