@@ -93,7 +93,7 @@ def _add_client_options(p) -> None:
                    help="DEBUG, INFO, WARNING (default) or ERROR")
 
 
-def _add_mount(sub, defaults: dict) -> None:
+def _add_mount(sub, defaults: dict) -> argparse.ArgumentParser:
     p = sub.add_parser("mount", help="mount the archive read-only at MOUNTPOINT",
                        description="Mount the archive as /Collection/PatientID/StudyInstanceUID/"
                                    "SeriesInstanceUID/SOPInstanceUID.dcm (read-only). "
@@ -135,6 +135,12 @@ def _add_mount(sub, defaults: dict) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log more (DEBUG)")
     p.set_defaults(func=run_mount, log_level="INFO")
     p.set_defaults(**defaults)
+    return p
+
+
+def mount_parser() -> argparse.ArgumentParser:
+    """The parser of `nbiafs mount` alone (for `nbiafs.mounted()`'s keyword options)."""
+    return _add_mount(_Parser(prog="nbiafs").add_subparsers(), {})
 
 
 def _add_prefetch(sub) -> None:
@@ -294,9 +300,11 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
 
 
 def run_mount(args) -> int:
+    from nbiafs.background import watch_parent
     from nbiafs.mount import MountError, run
 
     config = mount_config(args)
+    watch_parent()  # started by nbiafs.mounted(): end with that process
     try:
         run(config)
     except MountError as exc:

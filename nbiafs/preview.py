@@ -6,11 +6,17 @@ window (the first WindowCenter/WindowWidth, DICOM's linear VOI function, PS3.3 C
 without a window, the 0.5-99.5 percentiles of the image. MONOCHROME1 is inverted. Colour
 images (RGB, YBR, palette) are shown in RGB. A multi-frame instance shows its middle frame.
 Images larger than `MAX_SIDE` are reduced by whole factors (block means).
+
+Compressed pixel data is decoded by pydicom's decoders: pylibjpeg with its libjpeg (JPEG
+baseline, extended, lossless; JPEG-LS), openjpeg (JPEG 2000) and rle (RLE) plugins, from the
+`codecs` extra, which scripts/setup.sh installs; without them Pillow covers 8-bit JPEG baseline
+and JPEG 2000, and pydicom itself RLE.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 import zlib
 from typing import BinaryIO
@@ -21,6 +27,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from nbiafs.errors import NbiaError
+
+# pydicom logs every decoder that cannot decode an image as an ERROR with a traceback; the
+# mount reports the reason itself, once per open, as a warning (PreviewError).
+logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 MAX_SIDE = 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -48,7 +58,10 @@ def image_of(source: BinaryIO) -> np.ndarray:
     except (AttributeError, ValueError, NotImplementedError, RuntimeError, KeyError) as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f" ({syntax.name})" if syntax is not None else ""
-        raise PreviewError(f"cannot show the pixels of this instance{what}: {exc}") from None
+        reason = " ".join(str(exc).split())
+        if syntax is not None and syntax.is_compressed and not _codecs_installed():
+            reason += "; decoders for compressed pixel data come with: pip install 'nbiafs[codecs]'"
+        raise PreviewError(f"cannot show the pixels of this instance{what}: {reason}") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         pixels = pixels[frames // 2]
@@ -64,6 +77,11 @@ def image_of(source: BinaryIO) -> np.ndarray:
         if photometric == "MONOCHROME1":
             image = 255 - image
     return image
+
+
+def _codecs_installed() -> bool:
+    from importlib.util import find_spec
+    return all(find_spec(m) is not None for m in ("pylibjpeg", "libjpeg", "openjpeg", "rle"))
 
 
 def windowed(ds, pixels: np.ndarray) -> np.ndarray:
