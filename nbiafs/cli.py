@@ -230,8 +230,9 @@ def _add_demo(sub) -> None:
                                    "and stops.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", default="nbia-demo",
                    help="default: ./nbia-demo (created if missing)")
-    p.add_argument("--names", choices=["uid", "readable"], default="uid",
-                   help="study and series folders by UID (default) or readable")
+    p.add_argument("--names", choices=["uid", "readable"], default="readable",
+                   help="study and series folders readable (default: '<date> <description> [<UID "
+                        "digits>]') or by UID; UID paths resolve either way")
     p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
     p.set_defaults(func=run_demo)
 
@@ -339,16 +340,20 @@ def run_demo(args) -> int:
     finally:
         archive.stop()
         shutil.rmtree(cache_dir, ignore_errors=True)
+        removed = False
         if created:
             try:
                 mountpoint.rmdir()
+                removed = True
             except OSError:
                 pass
-    print("\nUnmounted; the local archive is stopped.", file=sys.stderr)
+    print(f"\nnbiafs demo: unmounted {mountpoint}{' (and removed it)' if removed else ''}, stopped the local "
+          f"archive, deleted its cache {cache_dir}; the demo archive stays in {archive.index.files_root} for next time",
+          file=sys.stderr)
     return 0
 
 
-def demo_instructions(archive, mountpoint, names: str = "uid") -> str:
+def demo_instructions(archive, mountpoint, names: str = "readable") -> str:
     from nbiafs import naming
 
     everything = list(archive.index.iter_series("nbia_guest"))

@@ -34,3 +34,28 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[codecs,test]'
+
+# `nbiafs` and `mount.fuse.nbiafs` on the PATH of every new shell: links to this checkout's
+# .venv in /usr/local/bin as root, in ~/.local/bin otherwise (on the PATH of Debian's and
+# Ubuntu's login shells once it exists). NBIAFS_NO_LINK=1 skips this.
+if [ "${NBIAFS_NO_LINK:-0}" != 1 ]; then
+    if [ "$(id -u)" -eq 0 ]; then bindir=/usr/local/bin; else bindir="$HOME/.local/bin"; fi
+    mkdir -p "$bindir"
+    for cmd in nbiafs mount.fuse.nbiafs; do
+        target="$PWD/.venv/bin/$cmd"
+        link="$bindir/$cmd"
+        if [ -L "$link" ] || [ ! -e "$link" ]; then
+            if [ "$(readlink "$link" 2>/dev/null)" != "$target" ]; then
+                ln -sfn "$target" "$link"
+                echo "setup: $link -> $target" >&2
+            fi
+        else
+            echo "setup: $link exists and is not a link; left alone (use $target)" >&2
+        fi
+    done
+    case ":$PATH:" in
+        *":$bindir:"*) ;;
+        *) echo "setup: $bindir is not on this shell's PATH; a new login shell has it" \
+                "(or: export PATH=\"$bindir:\$PATH\")" >&2 ;;
+    esac
+fi

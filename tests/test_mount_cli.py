@@ -149,8 +149,10 @@ def test_background_mount_and_fusermount(nbia_archive, mnt, tmp_path):
         subprocess.run(["fusermount", "-u", str(mnt)], capture_output=True)
 
 
-@pytest.mark.parametrize("names", [(), ("--names", "readable")], ids=["uid", "readable"])
+@pytest.mark.parametrize("names", [(), ("--names", "uid")], ids=["readable", "uid"])
 def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archive_data, names):
+    """The printed commands run as printed in a new login shell with a clean environment (no
+    .venv on its PATH: `nbiafs` is the link scripts/setup.sh made)."""
     mnt = tmp_path / "demo"
     proc = start_demo(mnt, nbia_archive_data, *names, stdout=subprocess.PIPE)
     try:
@@ -162,18 +164,24 @@ def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archiv
         commands = [c for c in tries if c]
         assert any(c.startswith("getfattr -d") for c in commands)
         assert any("dcm2niix" in c for c in commands) and any("dcmdump" in c for c in commands)
+        assert any(c.startswith("nbiafs status") for c in commands)
+        clean = {"HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
         for command in commands:  # every command the demo suggests works as printed
-            command = command.replace("-o /tmp ", f"-o {tmp_path} ").replace(" /tmp/preview.png", f" {tmp_path}/preview.png")
-            if command.startswith("nbiafs "):
-                command = f"{sys.executable} -m {command}"
-            res = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
-                                 timeout=600)
+            res = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in clean.items()), "bash", "-l", "-o",
+                                  "pipefail", "-c", command], capture_output=True, text=True, timeout=600,
+                                 stdin=subprocess.DEVNULL, cwd=tmp_path)
             assert res.returncode == 0 or (res.returncode == 141 and "| head" in command), (command, res.stderr)
-        assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert ("CT CHEST ABD W CONTRAST [" in "".join(commands)) == bool(names)
+        assert subprocess.run(["env", "-i", f"HOME={clean['HOME']}", "bash", "-lc", "command -v nbiafs"],
+                              capture_output=True, text=True).stdout.strip() != os.path.join(
+                                  os.path.dirname(sys.executable), "nbiafs")
+        assert open("/tmp/preview.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert ("CT CHEST ABD W CONTRAST [" in "".join(commands)) == (names == ())
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert not mnt.exists()
     assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"nbiafs demo: unmounted {mnt} (and removed it), stopped the local archive, "
+                           "deleted its cache /"), last
