@@ -143,10 +143,9 @@ class InstanceCache:
                 self.hits += counted
                 return handle, False
             with self._lock:
-                flight = self._flights.get(key)
-                leader = flight is None
-                if leader:
-                    flight = self._flights[key] = _Flight()
+                found = self._flights.get(key)
+                leader = found is None
+                flight = self._flights[key] = _Flight() if found is None else found
             if not leader:
                 flight.done.wait()
                 if flight.error is not None:

@@ -56,11 +56,12 @@ NAME_STYLES = ("uid", "readable")  # --names: study and series folders by UID, o
 class Node:
     kind: str
     path: str
-    collection: str | None = None
-    patient_id: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    sop_uid: str | None = None
+    # The UIDs of the node and its ancestors; "" below its depth (a patient has no study).
+    collection: str = ""
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
     record: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     stamp: str | None = None  # the archive date its mtime comes from
 
@@ -128,9 +129,9 @@ class Catalog:
         self.previews = previews
         self.negative_ttl_s = negative_ttl_s
         self._lock = threading.Lock()  # guards _memo, _nodes, _walks, _pool and the exact-size fields
-        self._memo: dict[str, tuple[Any, Any]] = {}
+        self._memo: dict[str, tuple] = {}
         self._exact_versions: dict[str, int] = {}
-        self._nodes = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
+        self._nodes: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
         self._exact: dict[str, dict[str, int]] = {}  # series -> sop -> exact size
         self._dirty: set[str] = set()                # series whose exact sizes are not on disk yet
         self._flushed_at: dict[str, float] = {}
@@ -229,6 +230,7 @@ class Catalog:
     def _entries(self, node: Node, max_age_s=None) -> tuple[dict[str, Node], dict[str, Node]]:
         """(listed entries by name, in name order; UID names of readable entries)."""
         sel = self.selection
+        value: list[Any]
         if node.kind == ROOT:
             key, value = "collections", self.collections(max_age_s)
             make = lambda v: [(naming.escape(c), node.child(COLLECTION, naming.escape(c),  # noqa: E731
@@ -298,11 +300,11 @@ class Catalog:
         return pid in self._patients_with_modalities(collection)
 
     def _patients_with_modalities(self, collection: str) -> frozenset:
+        modalities = sorted(self.selection.modalities or ())
+
         def fetch():
-            return sorted({pid for m in self.selection.modalities
-                           for pid in self.client.get_patients_by_modality(collection, m)})
-        ids = self.store.listing(f"patients-by-modality\0{collection}\0{','.join(sorted(self.selection.modalities))}",
-                                 fetch)
+            return sorted({pid for m in modalities for pid in self.client.get_patients_by_modality(collection, m)})
+        ids = self.store.listing(f"patients-by-modality\0{collection}\0{','.join(modalities)}", fetch)
         return self._memoised(f"modality-set\0{collection}", ids, frozenset)
 
     def _named(self, parent: Node, kind: str, records: list[dict], *id_keys) -> list:
@@ -404,7 +406,8 @@ class Catalog:
                 rows = self.store.get(self._patient_key("series", node.collection, node.patient_id), [])
             else:
                 rows = self.patient_series(node.collection, node.patient_id)
-            jobs = [(self.instances, r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")]
+            jobs: list[tuple[Callable[[Any], Any], Any]] = [
+                (self.instances, r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")]
         else:
             jobs = [(self._patient_listings, (node.collection, pid)) for pid in
                     (models.as_str(p.get("PatientId", p.get("PatientID"))) for p in self.patients(node.collection))

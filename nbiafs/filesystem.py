@@ -99,13 +99,16 @@ class NbiaFilesystem:
             return self._status_attributes(path)
         return self.attributes(self.catalog.resolve(path))
 
+    def _status_text(self) -> str:
+        return self.status() if self.status is not None else ""
+
     def _status_attributes(self, path: str) -> dict:
         attrs = {"st_ino": inode(path), "st_uid": self.uid, "st_gid": self.gid, "st_mtime": self._started,
                  "st_ctime": self._started, "st_atime": self._started}
         if path == STATUS_DIR_PATH:
             attrs.update(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_size=0, st_blocks=0)
         else:  # the size of the text as it is now; reads use direct I/O and go to the end anyway
-            size = len(self.status().encode())
+            size = len(self._status_text().encode())
             attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size, st_blocks=(size + 511) // 512)
         return attrs
 
@@ -147,7 +150,7 @@ class NbiaFilesystem:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise ReadOnly(f"{path}: read-only filesystem")
         if self.status is not None and path == STATUS_PATH:
-            handle: BinaryIO = io.BytesIO(self.status().encode())
+            handle: BinaryIO = io.BytesIO(self._status_text().encode())
             with self._handles_lock:
                 fh = next(self._next_fh)
                 self._handles[fh] = handle

@@ -76,7 +76,7 @@ class FuseOperations(Operations):
 
     @_errno_boundary
     def readdir(self, path, fh):
-        entries = [(".", None, 0), ("..", None, 0)]
+        entries: list[tuple[str, dict | None, int]] = [(".", None, 0), ("..", None, 0)]
         entries += [(name, attrs, 0) for name, attrs in self.fs.readdir(path)]
         return entries
 

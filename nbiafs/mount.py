@@ -104,66 +104,70 @@ class Mount:
         """Log in and build the filesystem. Raises MountError with one line on failure."""
         os.umask(0o077)  # cache files 0600, directories 0700
         config = self.config
-        if self.client is None:
+        client = self.client
+        if client is None:
             try:
                 credentials = (resolve_credentials(config.user, config.client.root_url)
                                if config.client.api != "v1" else None)
-                self.client = NbiaClient(config.client, credentials)
+                client = self.client = NbiaClient(config.client, credentials)
             except (AuthenticationFailed, NotAuthorized) as exc:
                 raise MountError(str(exc)) from None
         prepare_cache_dir(config.cache.root)
-        scope = config.cache.scope_dir(config.client, self.client.identity)
+        scope = config.cache.scope_dir(config.client, client.identity)
         try:
-            self.client.connect()  # with --api auto: which version the archive speaks
+            client.connect()  # with --api auto: which version the archive speaks
         except (AuthenticationFailed, UntrustedCertificate, NoSuchApi, NotAuthorized) as exc:
             raise MountError(str(exc)) from None
         except ArchiveUnavailable as exc:
             if not (scope / "metadata").is_dir():
                 raise MountError(f"cannot reach the archive at {config.client.root_url}: {exc}") from None
-            if self.client.api is None:  # the version the last mount of this cache spoke
-                self.client.use_api(read_scope_record(scope).get("api") or "v4")
+            if client.api is None:  # the version the last mount of this cache spoke
+                client.use_api(read_scope_record(scope).get("api") or "v4")
             log.warning("the archive is unreachable (%s); serving what earlier mounts cached "
                         "until it comes back", exc)
+        api = client.api or "v4"
         prepare_cache_dir(scope)
-        write_scope_record(scope, config.client.root_url, self.client.api, self.client.user)
+        write_scope_record(scope, config.client.root_url, api, client.user)
         self._scope_lock = hold_scope(scope)  # `nbiafs cache clear` leaves this scope alone
-        self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
-                                    config.cache.memory_records)
-        self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
-        catalog = Catalog(self.client, self._store, config.cache.negative_ttl_s,
-                          selection=self._selection(config), names=config.names,
+        store = self._store = MetadataStore(scope / "metadata", config.cache.listing_ttl_s,
+                                            config.cache.memory_records)
+        cache = self._cache = InstanceCache(scope / "instances", config.cache.max_bytes)
+        catalog = Catalog(client, store, config.cache.negative_ttl_s,
+                          selection=self._selection(config, client, store), names=config.names,
                           previews=config.previews)
-        self.prefetcher = Prefetcher(self._cache, self.client, config.prefetch,
-                                     on_stored=catalog.record_exact_size)
-        self.fs = NbiaFilesystem(catalog, self._cache, self.prefetcher, status=self.status_text)
-        self._status = StatusSources(config.mountpoint, config.client.root_url, self.client.api,
-                                     self.client.user, scope, time.time(), self.client, self._cache,
-                                     self.prefetcher if config.prefetch.enabled else None, self.fs.errors)
-        return self.fs
+        prefetcher = self.prefetcher = Prefetcher(cache, client, config.prefetch,
+                                                  on_stored=catalog.record_exact_size)
+        fs = self.fs = NbiaFilesystem(catalog, cache, prefetcher, status=self.status_text)
+        self._status = StatusSources(config.mountpoint, config.client.root_url, api,
+                                     client.user, scope, time.time(), client, cache,
+                                     prefetcher if config.prefetch.enabled else None, fs.errors)
+        return fs
 
-    def _selection(self, config: MountConfig) -> Selection:
+    @staticmethod
+    def _selection(config: MountConfig, client: NbiaClient, store: MetadataStore) -> Selection:
         """The part of the archive to show; manifests and carts are resolved to their series'
         (Collection, PatientID) here, once (cached with the listings)."""
         series = None
-        if config.cart is not None:
+        cart = config.cart
+        if cart is not None:
             try:
-                rows = self._store.listing(f"cart\0{config.cart}", lambda: [
-                    [s.series_uid, s.collection, s.patient_id] for s in self.client.get_contents_by_name(config.cart)])
+                rows = store.listing(f"cart\0{cart}", lambda: [
+                    [s.series_uid, s.collection, s.patient_id] for s in client.get_contents_by_name(cart)])
             except NbiaError as exc:
                 raise MountError(f"cannot read cart {config.cart!r}: {exc}") from None
             series = {uid: (c, p) for uid, c, p in rows if c and p}
             if not series:
                 raise MountError(f"cart {config.cart!r} is empty or not shared with "
-                                 f"{self.client.user or 'anonymous users'}")
+                                 f"{client.user or 'anonymous users'}")
         if config.manifest_series is not None:
-            found = resolve_series(self.client, self._store, config.manifest_series)
+            found = resolve_series(client, store, config.manifest_series)
             missing = len(config.manifest_series) - len(found)
             if not found:
                 raise MountError(f"none of the {len(config.manifest_series)} series of the manifest is in the "
-                                 f"archive for {self.client.user or 'anonymous users'}")
+                                 f"archive for {client.user or 'anonymous users'}")
             if missing:
                 log.warning("%d of the %d series of the manifest are not in the archive (or not visible "
-                            "to %s): not shown", missing, len(config.manifest_series), self.client.user)
+                            "to %s): not shown", missing, len(config.manifest_series), client.user)
             series = found if series is None else {u: v for u, v in series.items() if u in found}
         return Selection(
             collections=frozenset(c.lower() for c in config.collections) or None,
@@ -171,7 +175,7 @@ class Mount:
             series=series)
 
     def status_text(self) -> str:
-        return render_status(self._status)
+        return render_status(self._status) if self._status is not None else "starting\n"
 
     def start_threads(self) -> None:
         """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
@@ -270,7 +274,7 @@ def run(config: MountConfig) -> None:
     if quiet_start:
         root_logger.setLevel(logging.WARNING)
     mount = Mount(config, on_mounted=(lambda: root_logger.setLevel(logging.INFO)) if quiet_start else None)
-    mount.start()
+    fs = mount.start()
     try:
         from fuse import FUSE
 
@@ -278,7 +282,7 @@ def run(config: MountConfig) -> None:
     except (ImportError, OSError, EnvironmentError) as exc:
         mount.stop()
         raise MountError(f"cannot load libfuse: {exc}") from None
-    ops = FuseOperations(mount.fs, on_init=mount.start_threads, on_destroy=mount.stop)
+    ops = FuseOperations(fs, on_init=mount.start_threads, on_destroy=mount.stop)
     options = dict(foreground=config.foreground, ro=True, nothreads=False, raw_fi=True,
                    fsname="nbiafs", subtype="nbiafs", use_ino=True,
                    attr_timeout=0, entry_timeout=config.entry_timeout_s, negative_timeout=1,

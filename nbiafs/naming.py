@@ -91,7 +91,7 @@ def series_label(record: dict) -> str:
 
 def readable_names(labels: dict[str, str]) -> dict[str, str]:
     """{UID: label} of siblings -> {UID: escaped name}, each unique among them."""
-    digits = {uid: UID_DIGITS for uid in labels}
+    digits: dict[str, int | None] = {uid: UID_DIGITS for uid in labels}
     while True:
         names = {uid: _readable(label, uid, digits[uid]) for uid, label in labels.items()}
         holders: dict[str, list[str]] = {}
@@ -103,8 +103,9 @@ def readable_names(labels: dict[str, str]) -> dict[str, str]:
         grew = False
         for uids in clashes:
             for uid in uids:
-                if digits[uid] is not None:  # None: the whole UID, dots included
-                    digits[uid] = None if digits[uid] >= len(uid.replace(".", "")) else digits[uid] * 2
+                shown = digits[uid]
+                if shown is not None:  # None: the whole UID, dots included
+                    digits[uid] = None if shown >= len(uid.replace(".", "")) else shown * 2
                     grew = True
         if not grew:  # only the same label and the same whole UID: cannot be (UIDs are unique)
             return names

@@ -33,6 +33,7 @@ Threads: `connections` single-fetch workers and one thread per zip, started by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -174,7 +175,7 @@ class Prefetcher:
             key = key_of(state.series_uid, sop)
             try:
                 handle, downloaded = self.cache.open(
-                    key, lambda dest: self.client.get_single_image(state.series_uid, sop, dest))
+                    key, functools.partial(self.client.get_single_image, state.series_uid, sop))
             except (NbiaError, OSError) as exc:
                 log.debug("prefetch of %s failed (%s); an open will try again", key, exc)
                 continue
@@ -209,7 +210,7 @@ class Prefetcher:
                         continue
                     sop = sop_instance_uid(entry) if name.lower().endswith(".dcm") else None
                     key = key_of(uid, sop) if sop else None
-                    if key in claimed and name not in held:
+                    if key is not None and sop is not None and key in claimed and name not in held:
                         held[name] = (key, sop, entry.name, _size(entry), _md5(entry))
                     else:
                         os.unlink(entry.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -119,7 +120,7 @@ def load_config_file(path: Path | None = None, required: bool = False) -> dict:
 
 def parse_mount_options(text: str) -> dict:
     """`-o a=1,b,c=x` as settings; standard mount options ignored (see the module docstring)."""
-    out = {}
+    out: dict[str, Any] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue

@@ -19,8 +19,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nbiafs import __version__
+
+if TYPE_CHECKING:
+    from nbiafs.api.client import NbiaClient
+    from nbiafs.blobcache import InstanceCache
+    from nbiafs.prefetch import Prefetcher
 
 STATUS_DIR = ".nbiafs"
 STATUS_FILE = "status"
@@ -68,9 +74,9 @@ class StatusSources:
     user: str | None
     scope_dir: Path
     started: float          # time.time() at mount
-    client: object          # NbiaClient
-    cache: object           # InstanceCache
-    prefetcher: object      # Prefetcher | None
+    client: NbiaClient
+    cache: InstanceCache
+    prefetcher: Prefetcher | None
     errors: ErrorLog
 
 
@@ -125,10 +131,10 @@ def _api(src: StatusSources) -> str:
 
 
 def _user(src: StatusSources) -> str:
-    client = src.client
-    if getattr(client, "auth", None) is not None:
-        return client.auth.credentials.username
-    if getattr(client, "api", None) == "v4":
+    auth = getattr(src.client, "auth", None)
+    if auth is not None:
+        return auth.credentials.username
+    if getattr(src.client, "api", None) == "v4":
         return "nbia_guest (no token: v4 serves the guest without one)"
     return src.user or "anonymous (v1)"
 
@@ -183,7 +189,7 @@ class ScopeInfo:
 
 
 def scopes(root: Path) -> list[ScopeInfo]:
-    out = []
+    out: list[ScopeInfo] = []
     if not root.is_dir():
         return out
     for scope in sorted(p for p in root.iterdir() if p.is_dir()):

@@ -23,6 +23,6 @@ class MountedArchive(Mounted):
     def _failure_line(self) -> str:  # tests want the whole story
         return f"{super()._failure_line()}\n{self.log()}"
 
-    def stop(self, timeout: float = 20.0) -> str:  # type: ignore[override]
+    def stop(self, timeout: float = 20.0) -> str:
         self.unmount(timeout)
         return self.log()

@@ -60,6 +60,7 @@ class Server:
     def __init__(self, spec: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "serve", "--spec", spec, "--port", "0"],
                                      stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
         if not self.url:
             raise SystemExit("the local archive did not start")
@@ -191,7 +192,8 @@ def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
             for tool, cmd in (("find", ["find", coll, "-maxdepth", "3"]), ("ls -lR", ["ls", "-lR", coll])):
                 for state in ("cold", "warm"):
                     server.reset()
-                    r[f"{tool} {state}"] = (timed(lambda: quiet(*cmd), f"{tool} {state}"), server.requests())
+                    r[f"{tool} {state}"] = (timed(lambda cmd=cmd: quiet(*cmd), f"{tool} {state}"),
+                                            server.requests())
         finally:
             m.stop()
     finally:
@@ -266,7 +268,8 @@ def report(results, names, big, scale) -> None:
     print(f"\nseries: {len(big.instances)} instances, {mb:.0f} MB "
           f"(zip {results[names[0]]['zip_ratio']:.0%} of raw)")
     print(f"{'':44}" + "".join(f"{n + '-bound':>{col}}" for n in names))
-    print(f"{'':44}" + "".join(f"{('%g ms, %g Mbit/s' % (PROFILES[n]['latency_s'] * 1000, PROFILES[n]['total_mbit_s'])):>{col}}" for n in names))
+    shaping = {n: "%g ms, %g Mbit/s" % (PROFILES[n]["latency_s"] * 1000, PROFILES[n]["total_mbit_s"]) for n in names}
+    print(f"{'':44}" + "".join(f"{shaping[n]:>{col}}" for n in names))
 
     def row(label, fn):
         print(f"{label:44}" + "".join(f"{fn(results[n]):>{col}}" for n in names))

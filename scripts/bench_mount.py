@@ -73,8 +73,8 @@ def main() -> int:
     rel = "/".join(naming.escape(p) for p in (series.collection["Collection"], series.patient["PatientID"],
                                                series.study["StudyInstanceUID"], series.uid))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="nbiafs-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="nbiafs-bench-") as name:
+        tmp = Path(name)
         m = MountedArchive(archive.url, tmp / "mnt", tmp / "cache", tmp / "daemon.log")
         try:
             folder = m.path(rel)

@@ -113,7 +113,8 @@ def test_unchecked_endpoints_accept_any_parameter(get):
      "A parameter, SeriesInstanceUID and SOPInstanceUID, are required for this API call."),
     ("getPatientByCollectionAndModality", {"Collection": "x"},
      "A parameter, Collection and Modality, are required for this API call."),
-    ("NewPatientsInCollection", {"Collection": "x"}, "A parameter, Collection and Date are required for this API call."),
+    ("NewPatientsInCollection", {"Collection": "x"},
+     "A parameter, Collection and Date are required for this API call."),
     ("NewStudiesInPatientCollection", {}, "A parameter, Collection and Date are required for this API call."),
 ])
 def test_missing_required_parameter_sentences(get, endpoint, params, sentence):

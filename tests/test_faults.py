@@ -87,11 +87,11 @@ def test_stall_every_call_returns_eio_within_the_budget_without_leaks(nbia_archi
     # A first round lets the bounded pools (libfuse's workers, the series prefetch) grow to their
     # working size; the same calls again must then add nothing: a leak grows with the calls.
     for name in names[2:8]:
-        times.append(eio_within_budget(lambda: (folder / name).read_bytes()))
+        times.append(eio_within_budget(lambda name=name: (folder / name).read_bytes()))
     time.sleep(1.0)
     baseline = threads_and_sockets(m.proc.pid)
     for name in names[2:8]:
-        times.append(eio_within_budget(lambda: (folder / name).read_bytes()))
+        times.append(eio_within_budget(lambda name=name: (folder / name).read_bytes()))
     assert (folder / names[0]).read_bytes() == truth(series, names[0])  # cached: still served
     nbia_archive.set_faults(stall="all")
     times.append(eio_within_budget(lambda: os.listdir(m.path(series_path(other)))))

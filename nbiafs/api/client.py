@@ -107,6 +107,11 @@ class _Retry(Exception):
         self.integrity = integrity  # the body was wrong (short, malformed), not missing
 
 
+def _text(header: str | bytes | None) -> str | None:
+    """A header as sent (requests keeps what it was given: str or bytes)."""
+    return header.decode("latin-1") if isinstance(header, bytes) else header
+
+
 def _retry_after(response: requests.Response) -> float | None:
     value = response.headers.get("Retry-After")
     try:
@@ -253,6 +258,7 @@ class NbiaClient:
             self.use_api("v4", token=status in (401, 403))
         else:
             self.use_api("v2")
+            assert self.auth is not None  # use_api("v2") starts the token session
             try:
                 self.auth.login()
             except NoSuchApi:
@@ -341,7 +347,7 @@ class NbiaClient:
             status = r.status_code
             r.close()
             try:
-                self.auth.renew_after_rejection(r.request.headers.get("Authorization"))
+                self.auth.renew_after_rejection(_text(r.request.headers.get("Authorization")))
             except ArchiveUnavailable as exc:  # not renewed: the next attempt may renew
                 raise _Retry(str(exc)) from None
             state["renewed"] = True
@@ -356,7 +362,7 @@ class NbiaClient:
         if state.get("probed"):
             return False
         state["probed"] = True
-        header = r.request.headers.get("Authorization") or ""
+        header = _text(r.request.headers.get("Authorization")) or ""
         try:
             return not self._probe(header, state)
         except _Retry:
@@ -408,13 +414,16 @@ class NbiaClient:
         """An empty v2 answer may come from a dead token: prove the token alive, or renew and
         ask again; all within one metadata budget (a token endpoint that is down for a moment
         is retried, never turned into an empty listing)."""
+        auth = self.auth
+        assert auth is not None  # only token sessions verify empty answers
+
         def attempt(state):
             try:
-                header = f"Bearer {self.auth.current_token()}"
+                header = f"Bearer {auth.current_token()}"
                 if self._probe(header, state):
                     return []  # a live token: the empty answer stands
                 log.info("an empty answer came with a dead token; renewing and asking again")
-                self.auth.renew_after_rejection(header)
+                auth.renew_after_rejection(header)
             except ArchiveUnavailable as exc:  # the token endpoint did not answer
                 raise _Retry(str(exc)) from None
             again = self._query_once(endpoint, params, state, version, form)
@@ -617,7 +626,7 @@ class NbiaClient:
         if dest.read(4) != b"DICM":
             raise _Retry("not a DICOM Part-10 file (no DICM at offset 128)", integrity=True)
         dest.seek(0, os.SEEK_END)
-        if md5 is not None:
+        if md5 is not None and hasher is not None:
             try:
                 self._check_md5(md5[0], hasher.hexdigest(), self._clock() - started, state, params["SOPInstanceUID"])
             except _Retry:

@@ -76,10 +76,10 @@ def load_dicom_dir(folder: Path) -> ArchiveIndex:
         coll = collections.setdefault(coll_name, {
             "Collection": coll_name, "restricted": False, "LicenseName": LICENSE[0],
             "LicenseURI": LICENSE[1], "patients": []})
-        patient = _find_or_add(coll["patients"], "PatientID", pid, lambda: {
+        patient = _find_or_add(coll["patients"], "PatientID", pid, {
             "PatientID": pid, "PatientName": _text(ds, "PatientName"),
             "PatientSex": _text(ds, "PatientSex"), "studies": []})
-        study = _find_or_add(patient["studies"], "StudyInstanceUID", study_uid, lambda: {
+        study = _find_or_add(patient["studies"], "StudyInstanceUID", study_uid, {
             "StudyInstanceUID": study_uid, "StudyDate": _date(ds.get("StudyDate")),
             "StudyDescription": _text(ds, "StudyDescription"), "StudyID": _text(ds, "StudyID"),
             "PatientAge": _text(ds, "PatientAge"), "series": []})
@@ -107,10 +107,10 @@ def load_dicom_dir(folder: Path) -> ArchiveIndex:
     return ArchiveIndex({"collections": list(collections.values()), "carts": {}}, folder)
 
 
-def _find_or_add(items: list[dict], key: str, value: str, make) -> dict:
+def _find_or_add(items: list[dict], key: str, value: str, new: dict) -> dict:
+    """The item of `items` whose `key` is `value`, or `new`, added."""
     for item in items:
         if item[key] == value:
             return item
-    item = make()
-    items.append(item)
-    return item
+    items.append(new)
+    return new

@@ -108,7 +108,7 @@ def get_patient(index, user, params):
 def get_patient_by_collection_and_modality(index, user, params):
     require(params, "Collection", "Modality")
     out = []
-    for coll, patient in _patients(index, user, params["Collection"]):
+    for _coll, patient in _patients(index, user, params["Collection"]):
         if any(_match(params["Modality"], raw.get("Modality"))
                for st in patient["studies"] for raw in st["series"]):
             out.append({"PatientId": patient["PatientID"]})

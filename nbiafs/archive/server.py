@@ -39,7 +39,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 from nbiafs.archive import endpoints, v4
 from nbiafs.archive.faults import IMAGE_ENDPOINTS, Faults, Throttle, pace
-from nbiafs.archive.records import ArchiveIndex, Series
+from nbiafs.archive.records import ArchiveIndex, Instance, Series
 from nbiafs.archive.tokens import InvalidGrant, TokenStore
 from nbiafs.archive.zipwriter import DeflateStore, ZipStreamWriter
 
@@ -97,6 +97,8 @@ class LocalArchive:
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
+        if isinstance(host, bytes):
+            host = host.decode()
         return f"{'https' if self.tls else 'http'}://{host}:{port}/nbia-api"
 
     def start(self) -> "LocalArchive":
@@ -510,7 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
         if endpoint == "getMD5HashForImage":
             found = index.instance_by_sop.get(params.get("SOPInstanceUID", ""))
             visible = found is not None and index.visible_series(user, found[0].uid) is not None
-            md5 = ("0" * 32 if faults.wrong_md5 else found[1].md5) if visible else ""
+            md5 = ("0" * 32 if faults.wrong_md5 else found[1].md5) if found is not None and visible else ""
             return self._send(200, md5.encode(), "text/plain")
         if endpoint == "getThumbnail":
             return self._thumbnail(user, form)
@@ -526,8 +528,8 @@ class _Handler(BaseHTTPRequestHandler):
         if endpoint == "getSeriesMetadata":
             rows = v4.get_series_metadata(index, user, form)
             fmt = dict(form).get("format", "csv").lower()
-            return self._tabular_v4(rows, fmt, faults, {"Content-Disposition": 'attachment; filename="SeriesMetaData.csv"'}
-                                    if fmt == "csv" else None)
+            disposition = {"Content-Disposition": 'attachment; filename="SeriesMetaData.csv"'}
+            return self._tabular_v4(rows, fmt, faults, disposition if fmt == "csv" else None)
         if endpoint in v4.COUNT_ENDPOINTS:
             return self._tabular_v4(v4.COUNT_ENDPOINTS[endpoint](index, user, params), "json", faults)
         rows = v4.QUERY_ENDPOINTS[endpoint](index, user, params)
@@ -652,7 +654,7 @@ def license_text(collection: dict) -> str:
             "downloading the data, you agree to abide by terms of this license.")
 
 
-def series_zip_order(series: Series, new_names: bool) -> list[tuple[str, object]]:
+def series_zip_order(series: Series, new_names: bool) -> list[tuple[str, Instance]]:
     """Zip entry names: database order `00000001.dcm…`, or `<acq>-<nnn>.dcm` by InstanceNumber."""
     if not new_names:
         order = sorted(series.instances, key=lambda i: hashlib.md5(i.sop_uid.encode()).digest())

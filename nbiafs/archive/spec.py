@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from typing import Any
 from dataclasses import dataclass
 
 # Bumped whenever the generator's output changes, so that a cached archive
@@ -91,7 +92,7 @@ def parse_spec(text: str, seed: int | None = None, noise_hu: float | None = None
             raise ValueError(f"bad archive spec {text!r}: counts must be >= 1 and the matrix 8..2048")
         spec = ArchiveSpec(collections=c, patients=p, studies=st, series=se, instances=i,
                            matrix=matrix, awkward=False)
-    changes = {}
+    changes: dict[str, Any] = {}
     if seed is not None:
         changes["seed"] = seed
     if noise_hu is not None:

@@ -21,10 +21,11 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from nbiafs import __version__
 from nbiafs.archive import phantom
@@ -105,7 +106,7 @@ def _plan_patient(spec, rng, collection, pid, modality, n_studies=None):
     for s in range(spec.studies if n_studies is None else n_studies):
         study_uid = _uid(spec, collection, pid, "study", s)
         study_date = _date(rng, "2001-01-01", 3000)
-        study = {"StudyInstanceUID": study_uid, "StudyDate": study_date,
+        study: dict[str, Any] = {"StudyInstanceUID": study_uid, "StudyDate": study_date,
                  "StudyDescription": f"{'CT CHEST ABD' if modality == 'CT' else 'MR ABDOMEN'} W CONTRAST",
                  "StudyID": str(1000 + s), "PatientAge": f"{rng.randrange(35, 80):03d}Y",
                  "series": []}
@@ -212,7 +213,7 @@ def _add_hostile_cases(spec, rng, collections):
       line break, two series alike in number, modality and description whose UIDs end in
       the same digits (`NAMES_TWIN_SUFFIX`), one with a 300-character description.
     Files keep DICOM-valid header values (the archive's records are what is hostile)."""
-    coll = {"Collection": HOSTILE_COLLECTION, "restricted": False, "LicenseName": LICENSE[0],
+    coll: dict[str, Any] = {"Collection": HOSTILE_COLLECTION, "restricted": False, "LicenseName": LICENSE[0],
             "LicenseURI": LICENSE[1], "CollectionURI": "https://doi.org/10.0000/NBIAFS.PH",
             "patients": []}
     for n, pid in enumerate(HOSTILE_PATIENT_IDS):
@@ -340,9 +341,9 @@ def build_dataset(spec, coll, patient, study, series, inst, idx, n, pad=0) -> Da
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CT_STORAGE if modality == "CT" else MR_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = inst.get("DicomSOPInstanceUID", inst["SOPInstanceUID"])
-    ds.file_meta.ImplementationClassUID = UID_ROOT + "1"
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT_STORAGE if modality == "CT" else MR_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(inst.get("DicomSOPInstanceUID", inst["SOPInstanceUID"]))
+    ds.file_meta.ImplementationClassUID = UID(UID_ROOT + "1")
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if series.get("SeriesDescription") != "LOCALIZER" \
         else ["ORIGINAL", "PRIMARY", "LOCALIZER"]

@@ -546,8 +546,10 @@ def render(rows: list[dict], fmt: str) -> tuple[bytes, str]:
         keys += [k for k in row if k not in keys]
     if fmt == "csv":
         out = io.StringIO()
-        quoting = csv.QUOTE_MINIMAL if len(keys) == 1 else csv.QUOTE_ALL
-        writer = csv.writer(out, quoting=quoting, lineterminator="\n")
+        if len(keys) == 1:
+            writer = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        else:
+            writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
         writer.writerow(keys)
         for row in rows:
             writer.writerow(["" if row.get(k) is None else _csv_text(row[k]) for k in keys])

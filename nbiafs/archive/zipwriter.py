@@ -75,7 +75,7 @@ def _dos_time(stamp: float) -> tuple[int, int]:
 class ZipStreamWriter:
     """Writes entries to `write` as they come: local header, data, data descriptor."""
 
-    def __init__(self, write: Callable[[bytes], None]):
+    def __init__(self, write: Callable[[bytes], object]):
         self._write = write
         self._offset = 0
         self._central: list[bytes] = []
