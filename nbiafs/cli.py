@@ -478,8 +478,8 @@ def setup_logging(level: str, log_file: str | None = None) -> None:
         raise CliError(f"--log-file {log_file}: {exc.strerror}") from None
     except ValueError:
         raise CliError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR") from None
-    # fusepy logs every errno it returns (ENOENT, ENODATA…) with a traceback at DEBUG: those
-    # are answers, not faults; nbiafs logs what matters about them itself.
+    # The binding logs every errno it returns (ENOENT, ENODATA…) with a traceback at DEBUG:
+    # those are answers, not faults; nbiafs logs what matters about them itself.
     logging.getLogger("fuse").setLevel(max(logging.INFO, logging.getLogger().level))
 
 

@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Protocol
 
 from nbiafs import preview
 from nbiafs.blobcache import InstanceCache, pread
@@ -70,6 +70,29 @@ STATUS_PATH = f"/{STATUS_DIR}/{STATUS_FILE}"
 STATUS_PATHS = (STATUS_DIR_PATH, STATUS_PATH)
 
 
+class KernelCache(Protocol):
+    """The kernel's attribute cache, to be told (in order) when sizes it was given change."""
+
+    def submit(self, paths) -> threading.Event | None: ...
+
+    def busy(self) -> bool: ...
+
+    def wait(self, done: threading.Event) -> None: ...
+
+
+class _NoKernelCache:
+    """Not mounted (the filesystem alone, in tests), or libfuse2: the kernel caches nothing."""
+
+    def submit(self, paths) -> threading.Event | None:
+        return None
+
+    def busy(self) -> bool:
+        return False
+
+    def wait(self, done: threading.Event) -> None:
+        pass
+
+
 class NbiaFilesystem:
     """`/.nbiafs/status` is the one entry not from the archive: the mount's status as text,
     rendered at each open by `status` (a callable), read with direct I/O. Like ZFS's `.zfs`,
@@ -87,8 +110,13 @@ class NbiaFilesystem:
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self._handles: dict[int, BinaryIO] = {}
-        self._handles_lock = threading.Lock()  # guards _handles
+        self._handles_lock = threading.Lock()  # guards _handles and _estimated
         self._next_fh = itertools.count(1)
+        # The kernel caches attributes (fuse_ops.ATTR_TIMEOUT_S): the paths whose size it was
+        # told as an estimate, by series, are invalidated when a size of that series becomes
+        # exact (the estimates of the others move with it).
+        self.kernel: KernelCache = _NoKernelCache()
+        self._estimated: dict[str, set[str]] = {}
 
     def _is_status(self, path: str) -> bool:
         return self.status is not None and path in STATUS_PATHS
@@ -121,9 +149,13 @@ class NbiaFilesystem:
             attrs.update(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_size=0, st_blocks=0)
         else:
             if node.kind == PREVIEW:  # 0 until first opened (rendered), then exact
-                size = self.catalog.store.get(preview_key(node), 0)
+                rendered = self.catalog.store.get(preview_key(node))
+                size, exact = (rendered, True) if rendered is not None else (0, False)
             else:
-                size, _exact = self.catalog.instance_size(node)
+                size, exact = self.catalog.instance_size(node)
+            if not exact:
+                with self._handles_lock:
+                    self._estimated.setdefault(node.series_uid, set()).add(node.path)
             attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size,
                          st_blocks=(size + 511) // 512)
         return attrs
@@ -142,6 +174,8 @@ class NbiaFilesystem:
             raise NbiaError(f"{path}: not a directory")
         entries = [(name, self.attributes(child)) for name, child in self.catalog.children(node).items()]
         self.catalog.listed(node)
+        if node.kind == SERIES and self.prefetcher is not None:
+            self.prefetcher.folder_listed(node.series_uid)
         return entries
 
     # ------------------------------------------------------------------ files
@@ -169,10 +203,13 @@ class NbiaFilesystem:
 
     def open_instance(self, node: Node) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
+        if self.prefetcher is not None and not self.cache.contains(key):
+            self.prefetcher.opening(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
+                                    self.catalog.series_total(node) or 0)
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
-        self.catalog.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size)
+        self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size, wait=True)
         if self.prefetcher is not None:
             # Told after this instance is here, so its download never shares the link with
             # the rest of its series: the file being opened comes first.
@@ -189,7 +226,7 @@ class NbiaFilesystem:
                 key_of(node.series_uid, node.sop_uid),
                 lambda f: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, f))
             with source:
-                self.catalog.record_exact_size(node.series_uid, node.sop_uid, os.fstat(source.fileno()).st_size)
+                self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(source.fileno()).st_size)
                 data = preview.render(source)
             dest.write(data)
             return len(data)
@@ -197,13 +234,40 @@ class NbiaFilesystem:
         size = os.fstat(handle.fileno()).st_size
         if self.catalog.store.get(preview_key(node)) != size:  # st_size exact from now on
             self.catalog.store.put(preview_key(node), size)
+        self._invalidate_estimates(node.series_uid, wait=True)
         return handle
 
-    def read(self, fh: int, size: int, offset: int) -> bytes:
+    def record_exact_size(self, series_uid: str, sop_uid: str, size: int, wait: bool = False) -> None:
+        """An instance's exact size is known (opened, or stored by the prefetch): remember it, and
+        have the kernel forget the estimates of its series it cached (`wait`: before returning,
+        as an open must, so its reader's fstat and reads see the exact size)."""
+        self.catalog.record_exact_size(series_uid, sop_uid, size)
+        self._invalidate_estimates(series_uid, wait)
+
+    def _invalidate_estimates(self, series_uid: str, wait: bool) -> None:
+        """Queued under the lock, so that an open that finds nothing left to invalidate still
+        waits for what another thread queued before it (its reader may be reading that path)."""
+        with self._handles_lock:
+            paths = self._estimated.pop(series_uid, None)
+            if paths:
+                done = self.kernel.submit(paths)
+            elif wait and self.kernel.busy():
+                done = self.kernel.submit(())
+            else:
+                done = None
+        if wait and done is not None:
+            self.kernel.wait(done)
+
+    def handle(self, fh: int) -> BinaryIO:
+        """The open file behind `fh`: a cache file, or the status text (a BytesIO)."""
         with self._handles_lock:
             handle = self._handles.get(fh)
         if handle is None:
             raise NbiaError(f"read on unknown file handle {fh}")
+        return handle
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        handle = self.handle(fh)
         if isinstance(handle, io.BytesIO):  # the status text
             return handle.getvalue()[offset:offset + size]
         return pread(handle, size, offset)

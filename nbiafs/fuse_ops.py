@@ -1,22 +1,65 @@
-"""The fusepy adapter: the only module that imports `fuse`. Thin: it converts and maps errors.
+"""The FUSE adapter: the only module that imports the binding (mfusepy on libfuse3). Thin: it
+converts, maps errors, hands reads to libfuse, and tells the kernel when a size changed.
 
 Every operation runs under `_errno_boundary`: an `NbiaError` becomes its errno,
 anything unexpected is logged with its traceback and becomes EIO. No exception
-reaches fusepy, which would report EINVAL or even unmount.
+reaches the binding, which would report EINVAL or even unmount.
+
+Why libfuse3 (mfusepy, the maintained fork of fusepy, same API): it can invalidate one path's
+attributes in the kernel (`fuse_invalidate_path`), so attributes and names are cached by the
+kernel for `ATTR_TIMEOUT_S` instead of being asked of Python at every stat, open and read; and
+its `read_buf` lets a read be answered with the cache file's descriptor, so libfuse copies (or
+splices) the bytes itself and Python only says where they are.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import functools
+import io
 import logging
+import os
+import queue
+import re
+import threading
 
-from fuse import FuseOSError, Operations  # noqa: F401 - re-exported for mount.py
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would take libfuse2 first
+import mfusepy  # noqa: E402
+from mfusepy import FUSE, FuseOSError, Operations  # noqa: E402, F401 - FuseOSError re-exported
 
-from nbiafs.errors import NbiaError
-from nbiafs.filesystem import NbiaFilesystem
+from nbiafs.errors import NbiaError  # noqa: E402
+from nbiafs.filesystem import NbiaFilesystem  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT_S = 3600.0   # sizes change only from estimate to exact, and are invalidated then
+INVALIDATE_WAIT_S = 2.0   # an open waits this long at most for its invalidation
+READ_AHEAD_KB = 1024      # the mount's readahead window: reads of 1 MiB (FUSE's max_pages)
+
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+
+
+class _FuseBuf(ctypes.Structure):  # struct fuse_buf (fuse_common.h)
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _FuseBufvec(ctypes.Structure):  # struct fuse_bufvec, with its one inline buffer
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _FuseBuf * 1)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libfuse = mfusepy._libfuse
+FUSE_MAJOR = mfusepy.fuse_version_major
+if FUSE_MAJOR >= 3:
+    _libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    _libfuse.fuse_invalidate_path.restype = ctypes.c_int
 
 
 def _errno_boundary(method):
@@ -51,28 +94,96 @@ def _read_only(*_args):
     raise FuseOSError(errno.EROFS)
 
 
+class KernelInvalidator:
+    """Tells the kernel that paths' attributes changed (libfuse3's fuse_invalidate_path), in
+    order, from its own thread: the kernel must not be asked from a thread that is answering a
+    request on the same inode. `submit` queues and returns an event set once done; `busy` says
+    whether anything queued is not done yet (then a barrier, `submit(())`, waits for it)."""
+
+    def __init__(self):
+        self._fuse: int | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.done = 0
+
+    def start(self, fuse_handle: int | None) -> None:
+        self._fuse = fuse_handle
+        if fuse_handle and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="nbia-invalidate", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._fuse = None
+
+    def submit(self, paths) -> threading.Event | None:
+        if self._thread is None:
+            return None
+        event = threading.Event()
+        with self._lock:
+            self._pending += 1
+        self._queue.put((list(paths), event))
+        return event
+
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def wait(self, done: threading.Event) -> None:
+        if not done.wait(INVALIDATE_WAIT_S):
+            log.warning("the kernel did not take an invalidation within %.0f s", INVALIDATE_WAIT_S)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            paths, event = item
+            for path in paths:
+                if self._fuse:
+                    # -ENOENT: the kernel does not know the path (nothing cached): fine.
+                    _libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape"))
+                    self.done += 1
+            with self._lock:
+                self._pending -= 1
+            event.set()
+
+
 class FuseOperations(Operations):
-    """fusepy operations over `NbiaFilesystem` (raw_fi=True: `fi` is the fuse_file_info)."""
+    """Operations over `NbiaFilesystem` (raw_fi=True: `fi` is the fuse_file_info)."""
 
-    use_ns = False
+    use_ns = True
 
-    def __init__(self, fs: NbiaFilesystem, on_init=None, on_destroy=None):
+    def __init__(self, fs: NbiaFilesystem, on_init=None, on_destroy=None, mountpoint: str | None = None):
         self.fs = fs
         self._on_init = on_init
         self._on_destroy = on_destroy
+        self._mountpoint = mountpoint
+        self.invalidator = KernelInvalidator()
+        fs.kernel = self.invalidator
 
     def init(self, path):
         # Threads start here, after libfuse has daemonised (a fork would lose them).
+        if FUSE_MAJOR >= 3:
+            self.invalidator.start(_libfuse.fuse_get_context().contents.fuse)
+        if self._mountpoint:
+            threading.Thread(target=widen_readahead, args=(self._mountpoint,), name="nbia-readahead",
+                             daemon=True).start()
         if self._on_init:
             self._on_init()
 
     def destroy(self, path):
+        self.invalidator.stop()
         if self._on_destroy:
             self._on_destroy()
 
     @_errno_boundary
     def getattr(self, path, fh=None):
-        return self.fs.getattr(path)
+        return _ns(self.fs.getattr(path))
 
     @_errno_boundary
     def readdir(self, path, fh):
@@ -91,6 +202,25 @@ class FuseOperations(Operations):
     @_errno_boundary
     def read(self, path, size, offset, fi):
         return self.fs.read(fi.fh, size, offset)
+
+    @_errno_boundary
+    def read_buf(self, path, bufpp, size, offset, fi):
+        """The read, answered with where the bytes are: the cache file's descriptor and offset
+        (libfuse reads or splices them); the status text from memory."""
+        handle = self.fs.handle(fi.fh)
+        vec = _FuseBufvec.from_address(_malloc(ctypes.sizeof(_FuseBufvec)))
+        vec.count, vec.idx, vec.off = 1, 0, 0
+        buf = vec.buf[0]
+        if isinstance(handle, io.BytesIO):
+            data = handle.getvalue()[offset:offset + size]
+            buf.mem = _malloc(max(1, len(data)))  # freed by libfuse with the vector
+            ctypes.memmove(buf.mem, data, len(data))
+            buf.size, buf.flags, buf.fd, buf.pos = len(data), 0, -1, 0
+        else:
+            buf.size, buf.flags, buf.mem = size, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, None
+            buf.fd, buf.pos = handle.fileno(), offset
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = ctypes.addressof(vec)
+        return 0
 
     @_errno_boundary
     def release(self, path, fi):
@@ -120,3 +250,64 @@ class FuseOperations(Operations):
 
     chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
     setxattr = removexattr = symlink = truncate = unlink = utimens = write = _read_only
+
+
+def _malloc(size: int) -> int:
+    address = _libc.malloc(size)
+    if not address:
+        raise MemoryError("malloc failed")
+    return address
+
+
+_TIMES = ("st_atime", "st_mtime", "st_ctime")
+
+
+def _ns(attrs: dict) -> dict:
+    """Times in whole nanoseconds (use_ns), as the binding wants them."""
+    for key in _TIMES:
+        value = attrs.get(key)
+        if isinstance(value, float):
+            attrs[key] = int(value * 1e9)
+    return attrs
+
+
+def widen_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead (and so send READs of) up to READ_AHEAD_KB on this mount, not
+    its 128 KiB default; root only (the mount's backing-device setting in sysfs)."""
+    device = _mount_device(mountpoint)
+    if device is None:
+        return
+    path = f"/sys/class/bdi/{device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+        log.debug("readahead of %s (%s) set to %d KiB", mountpoint, device, READ_AHEAD_KB)
+    except OSError as exc:
+        log.debug("readahead of %s stays at the kernel's default (%s)", mountpoint, exc.strerror)
+
+
+def _mount_device(mountpoint: str, attempts: int = 50) -> str | None:
+    """MAJOR:MINOR of the FUSE mount at `mountpoint`, from /proc/self/mountinfo (never a stat
+    of the mount itself, which would ask this daemon)."""
+    import time
+    target = os.path.realpath(mountpoint)
+    for _ in range(attempts):
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 4 and _unescape(fields[4]) == target and "fuse" in line.split(" - ")[-1]:
+                        return fields[2]
+        except OSError:
+            return None
+        time.sleep(0.1)  # init runs just before the mount appears
+    return None
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def serve(operations: FuseOperations, mountpoint: str, **options) -> None:
+    """Mount and answer requests until unmounted (libfuse's loop; RuntimeError on failure)."""
+    FUSE(operations, mountpoint, **options)

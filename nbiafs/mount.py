@@ -46,11 +46,11 @@ def check_fuse() -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) "
                          "or, in a container, pass --device /dev/fuse")
-    if not (ctypes.util.find_library("fuse") or os.environ.get("FUSE_LIBRARY_PATH")):
-        raise MountError("libfuse is not installed: run scripts/setup.sh "
-                         "(or: apt-get install fuse libfuse2)")
-    if os.geteuid() != 0 and not shutil.which("fusermount"):
-        raise MountError("fusermount is missing: apt-get install fuse")
+    if not (ctypes.util.find_library("fuse3") or os.environ.get("FUSE_LIBRARY_PATH")):
+        raise MountError("libfuse3 is not installed: run scripts/setup.sh "
+                         "(or: apt-get install fuse3 libfuse3-3)")
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        raise MountError("fusermount3 is missing: apt-get install fuse3")
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -66,6 +66,12 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
+        try:  # the kernel may answer stat from its cache; statfs always asks the daemon
+            os.statvfs(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise MountError(f"{mountpoint} is a stale mount (its daemon died); clean it with: "
+                                 f"fusermount -u {mountpoint}") from None
         raise MountError(f"{mountpoint} is already a mountpoint (busy); unmount it first with: "
                          f"fusermount -u {mountpoint}")
     if any(os.scandir(mountpoint)):
@@ -99,6 +105,8 @@ class Mount:
         self.prefetcher: Prefetcher | None = None
         self._scope_lock: int | None = None
         self._status: StatusSources | None = None
+        self.served = False  # FUSE init ran: the mount was up
+        self._stopped = False
 
     def start(self) -> NbiaFilesystem:
         """Log in and build the filesystem. Raises MountError with one line on failure."""
@@ -136,7 +144,7 @@ class Mount:
                           selection=self._selection(config, client, store), names=config.names,
                           previews=config.previews)
         prefetcher = self.prefetcher = Prefetcher(cache, client, config.prefetch,
-                                                  on_stored=catalog.record_exact_size)
+                                                  on_stored=lambda *stored: fs.record_exact_size(*stored))
         fs = self.fs = NbiaFilesystem(catalog, cache, prefetcher, status=self.status_text)
         self._status = StatusSources(config.mountpoint, config.client.root_url, api,
                                      client.user, scope, time.time(), client, cache,
@@ -179,6 +187,7 @@ class Mount:
 
     def start_threads(self) -> None:
         """Background work (token refresh, prefetch); called from FUSE init, after daemonising."""
+        self.served = True
         if self._on_mounted is not None:
             self._on_mounted()
         client = self.client
@@ -195,6 +204,9 @@ class Mount:
             self._cache.start()
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self.prefetcher is not None:
             self.prefetcher.stop()
             if self._cache is not None:
@@ -219,6 +231,8 @@ class Mount:
             self._scope_lock = None
 
 
+MAX_FUSE_THREADS = 64   # libfuse3's worker threads at most (each blocked open holds one)
+IDLE_FUSE_THREADS = 16  # kept when idle (libfuse3 3.14 logs a bogus error unless it is given)
 RESOLVE_CONNECTIONS = 8  # v1/v2: getSeries requests at once (TCIA's client uses up to 10)
 
 
@@ -276,21 +290,26 @@ def run(config: MountConfig) -> None:
     mount = Mount(config, on_mounted=(lambda: root_logger.setLevel(logging.INFO)) if quiet_start else None)
     fs = mount.start()
     try:
-        from fuse import FUSE
-
-        from nbiafs.fuse_ops import FuseOperations
+        from nbiafs import fuse_ops
     except (ImportError, OSError, EnvironmentError) as exc:
         mount.stop()
-        raise MountError(f"cannot load libfuse: {exc}") from None
-    ops = FuseOperations(fs, on_init=mount.start_threads, on_destroy=mount.stop)
+        raise MountError(f"cannot load libfuse3: {exc}") from None
+    ops = fuse_ops.FuseOperations(fs, on_init=mount.start_threads, on_destroy=mount.stop,
+                                  mountpoint=str(config.mountpoint))
+    # libfuse3 invalidates a path when its size changes, so the kernel may cache attributes
+    # and names; libfuse2 (only if FUSE_LIBRARY_PATH points at it) cannot: never cached there.
+    cached_s = fuse_ops.ATTR_TIMEOUT_S if fuse_ops.FUSE_MAJOR >= 3 else 0
     options = dict(foreground=config.foreground, ro=True, nothreads=False, raw_fi=True,
                    fsname="nbiafs", subtype="nbiafs", use_ino=True,
-                   attr_timeout=0, entry_timeout=config.entry_timeout_s, negative_timeout=1,
-                   allow_other=config.allow_other)
+                   attr_timeout=cached_s, entry_timeout=cached_s or config.entry_timeout_s,
+                   negative_timeout=1, allow_other=config.allow_other, max_threads=MAX_FUSE_THREADS,
+                   max_idle_threads=IDLE_FUSE_THREADS)
     log.info("mounting %s at %s", config.client.root_url, config.mountpoint)
     try:
-        FUSE(ops, str(config.mountpoint), **options)
+        fuse_ops.serve(ops, str(config.mountpoint), **options)
     except RuntimeError as exc:
+        if mount.served:  # libfuse3 reports an end by SIGINT/SIGTERM as an error: it is not one
+            return
         mount.stop()
         raise MountError(f"mounting {config.mountpoint} failed (libfuse error {exc}); "
                          "see the messages above") from None

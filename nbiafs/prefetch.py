@@ -5,7 +5,13 @@ DICOM tools read every file of a series folder, in name order
 slower than the zip users download today. So, as the anchors do:
 
 - A series is prefetched when a second distinct instance of it is opened, or at
-  the first open when it has at most `small_series` instances.
+  the first open when it has at most `small_series` instances, or at the first
+  open, in parallel with that instance's own fetch, when its folder was listed
+  within `listed_window_s` (cp -r, dcm2niix, ITK, Slicer and find -exec list a
+  folder, then open its files in name order) and it will come as a zip. Such a
+  transfer is tentative: if no second instance of the series is opened within
+  `peek_abandon_s`, it is abandoned (a lone peek: `ls`, then one file), and what
+  it received but had not verified yet is dropped.
 - Most of a series comes as one getImage zip (`zip_min_instances` or more left
   to fetch, and the series no larger than half the cache): one request, DEFLATE
   compressed (35-45 % of raw for CT), streamed and stored entry by entry, each
@@ -33,6 +39,7 @@ Threads: `connections` single-fetch workers and one thread per zip, started by
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -59,6 +66,8 @@ class PrefetchConfig:
     zip_min_instances: int = 10   # use a getImage zip when this many are left (more than 8 connections fetch at once)
     idle_stop_s: float = 10.0     # stop a series nobody opened anything of for this long
     max_series: int = 2           # series prefetched at once; opening a third drops the oldest
+    listed_window_s: float = 10.0  # a first open this soon after its folder was listed starts the zip
+    peek_abandon_s: float = 3.0   # a zip started by a first open, with no second open this long after
     enabled: bool = True
 
 
@@ -69,6 +78,8 @@ class _SeriesState:
     opened: set = field(default_factory=set)
     last_open: float = 0.0
     started: bool = False
+    tentative: bool = False           # started by a first open: abandoned unless a second follows
+    first_open: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -86,11 +97,13 @@ class Prefetcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._series: dict[str, _SeriesState] = {}
+        self._listed: dict[str, float] = {}  # series folder -> when it was last listed
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0,
-                      "zip_md5_checked": 0, "zip_md5_mismatches": 0, "zip_without_md5": 0}
+                      "zip_md5_checked": 0, "zip_md5_mismatches": 0, "zip_without_md5": 0,
+                      "zips_abandoned": 0, "zip_entries_dropped": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def queued(self) -> int:
@@ -116,6 +129,38 @@ class Prefetcher:
             t.join(timeout=5)
 
     # ------------------------------------------------------------------ the reader's signal
+    def folder_listed(self, series_uid: str) -> None:
+        """A series folder was listed: a first open soon after is a folder reader's."""
+        now = self._clock()
+        with self._lock:
+            self._listed[series_uid] = now
+            if len(self._listed) > 1024:  # keep the recent ones only
+                for uid in [u for u, t in self._listed.items() if now - t > self.config.listed_window_s]:
+                    del self._listed[uid]
+
+    def opening(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
+                series_bytes: int) -> None:
+        """An instance is about to be fetched for an open: if its folder was just listed and the
+        rest will come as one zip, start that zip now, beside this instance's own fetch."""
+        if not self.config.enabled or self._stop.is_set():
+            return
+        now = self._clock()
+        with self._lock:
+            listed = self._listed.get(series_uid)
+            if listed is None or now - listed > self.config.listed_window_s:
+                return
+            if len(sops_in_name_order) - 1 < max(self.config.zip_min_instances, self.config.small_series + 1):
+                return  # small series: prefetched after this open, as before
+            state = self._series.get(series_uid)
+            if state is None or state.cancelled.is_set():
+                state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
+                self._drop_oldest(keep=series_uid)
+            if state.started:
+                return
+            state.started = state.tentative = True
+            state.first_open = state.last_open = now
+        self._start(state, sop_uid, series_bytes)
+
     def opened(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
                series_bytes: int) -> None:
         """An instance is being opened: maybe start prefetching its series (never blocks)."""
@@ -129,6 +174,8 @@ class Prefetcher:
                 self._drop_oldest(keep=series_uid)
             state.opened.add(sop_uid)
             state.last_open = now
+            if len(state.opened) >= 2:
+                state.tentative = False  # followed: a folder reader, not a peek
             start = not state.started and (len(state.opened) >= 2
                                            or len(state.sops) <= self.config.small_series)
             if start:
@@ -187,6 +234,12 @@ class Prefetcher:
     def _idle(self, state: _SeriesState) -> bool:
         if state.cancelled.is_set():
             return True
+        if state.tentative and self._clock() - state.first_open > self.config.peek_abandon_s:
+            state.cancelled.set()
+            self.stats["zips_abandoned"] += 1
+            log.info("prefetch of series %s abandoned: nothing else of it was opened within %.0f s of the first",
+                     state.series_uid, self.config.peek_abandon_s)
+            return True
         if self._clock() - state.last_open > self.config.idle_stop_s:
             state.cancelled.set()
             log.debug("prefetch of series %s stopped: no reader for %.0f s", state.series_uid,
@@ -223,6 +276,13 @@ class Prefetcher:
             self.stats["zip_failures"] += 1
             log.exception("zip of series %s failed", uid)
         finally:
+            if state.tentative and state.cancelled.is_set() and md5s is None and self.client.config.verify_md5:
+                # An abandoned peek: its entries were never checked against the archive's md5.
+                self.stats["zip_entries_dropped"] += len(held)
+                for entry_fields in held.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry_fields[2])
+                held = {}
             self._deliver_held(uid, held, md5s, claimed)
             missing = sorted(k.split("/", 1)[1] for k in claimed)
             for key in claimed:

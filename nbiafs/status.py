@@ -102,8 +102,9 @@ def render_status(src: StatusSources) -> str:
     lines.append(f"opens:      {opens} served, {cache.hits} from the cache (hit rate {rate})")
     queued = src.prefetcher.queued() if src.prefetcher is not None else 0
     zips = src.prefetcher.stats["zips"] if src.prefetcher is not None else 0
+    abandoned = src.prefetcher.stats["zips_abandoned"] if src.prefetcher is not None else 0
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
-                 f"for prefetch, {zips} series zips")
+                 f"for prefetch, {zips} series zips" + (f" ({abandoned} abandoned)" if abandoned else ""))
     integrity = _integrity(src)
     if integrity is not None:
         lines.append(f"integrity:  {integrity}")

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse libfuse2 attr dcmtk dcm2niix openssl file bsdutils)
+APT_PACKAGES=(fuse3 libfuse3-3 attr dcmtk dcm2niix openssl file bsdutils)
 PYTHON=${PYTHON:-python3}
 
 missing=()

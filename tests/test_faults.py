@@ -76,7 +76,8 @@ def two_series(archive):
 
 # --------------------------------------------------------------------------- stall
 def test_stall_every_call_returns_eio_within_the_budget_without_leaks(nbia_archive, mount_factory):
-    m = mount_factory(nbia_archive.url, name="stall", extra=("--timeout", str(BUDGET_S)))
+    # Single fetches only: the folder is listed, so a first open would start its zip too.
+    m = mount_factory(nbia_archive.url, name="stall", extra=("--timeout", str(BUDGET_S), "--no-prefetch"))
     series, other = two_series(nbia_archive)
     folder = m.path(series_path(series))
     names = sorted(os.listdir(folder))
@@ -115,7 +116,7 @@ def test_stall_every_call_returns_eio_within_the_budget_without_leaks(nbia_archi
 @pytest.mark.parametrize("fault", [{"truncate_images": 1.0}, {"corrupt_images": "html"},
                                    {"corrupt_images": "nodicm"}], ids=["short-body", "html-200", "no-DICM"])
 def test_corrupt_image_bodies_are_eio_and_never_cached(nbia_archive, mount_factory, fault):
-    m = mount_factory(nbia_archive.url, name="corrupt", extra=("--timeout", str(BUDGET_S)))
+    m = mount_factory(nbia_archive.url, name="corrupt", extra=("--timeout", str(BUDGET_S), "--no-prefetch"))
     series = two_series(nbia_archive)[0]
     folder = m.path(series_path(series))
     names = sorted(os.listdir(folder))
@@ -307,10 +308,11 @@ def test_series_zip_entries_are_checked_against_its_md5_list(nbia_archive, mount
         assert "does not take IncludeMD5" in m.log()
     else:
         assert zips == 1 and "getImageWithMD5Hash" not in counts
+    # cp -r lists the folder: its first open starts the zip (every other instance).
     if fault.get("wrong_zip_md5"):  # every zip entry refetched on its own, verified
-        assert f"{len(names) - 2} mismatches refetched" in status, status
+        assert f"{len(names) - 1} mismatches refetched" in status, status
         assert counts["getSingleImage"] == len(names)
         assert "the archive's list says" in m.log()
     else:
-        assert f"({len(names) - 2} from zips)" in status, status
+        assert f"({len(names) - 1} from zips)" in status, status
     figure(f"zip md5 check {fault or 'IncludeMD5'}: requests {counts}")

@@ -6,10 +6,9 @@ import errno
 import types
 
 import pytest
-from fuse import FuseOSError
 
 from nbiafs.errors import ArchiveUnavailable, NotFound
-from nbiafs.fuse_ops import FuseOperations
+from nbiafs.fuse_ops import FuseOperations, FuseOSError
 from nbiafs.status import ErrorLog
 
 

@@ -295,7 +295,7 @@ def test_remount_while_the_archive_is_down_serves_what_was_cached(nbia_archive_f
 
 
 def test_outage_gives_eio_in_budget_and_recovers_without_remount(nbia_archive, mount_factory):
-    m = mount_factory(nbia_archive.url, name="outage", extra=("--timeout", "2"))
+    m = mount_factory(nbia_archive.url, name="outage", extra=("--timeout", "2", "--no-prefetch"))
     series = big_series(nbia_archive)
     folder = m.path(series_path(series))
     names = sorted(os.listdir(folder))

@@ -43,7 +43,53 @@ def test_reading_a_series_uses_one_zip(nbia_archive, mount_factory, tmp_path):
     assert md5s(tmp_path / "copy") == truth(series)
     counts = nbia_archive.counters()["endpoints"]
     assert counts["getImage"] == 1
-    assert counts.get("getSingleImage", 0) <= 2  # the first two opens; the zip brings the rest
+    # cp listed the folder: its first open started the zip beside its own fetch, which is the
+    # only one on its own; the zip brings the rest.
+    assert counts["getSingleImage"] == 1
+    assert "1 series zips" in m.path(".nbiafs", "status").read_text()
+
+
+def test_a_listed_folder_starts_its_zip_at_the_first_open(nbia_archive, mount_factory):
+    """ls, then an open: the zip is asked while the opened instance is fetched, and the
+    instance comes back without waiting for it (first byte as a single fetch)."""
+    m = mount_factory(nbia_archive.url, name="first-open")
+    series = big(nbia_archive)
+    folder = m.path(series_path(series))
+    names = sorted(os.listdir(folder))
+    nbia_archive.reset_counters()
+    nbia_archive.set_faults(latency_s=0.2)
+    start = time.monotonic()
+    data = (folder / names[0]).read_bytes()
+    first = time.monotonic() - start
+    nbia_archive.clear_faults()
+    assert hashlib.md5(data).hexdigest() == truth(series)[names[0]]
+    assert nbia_archive.counters()["endpoints"].get("getImage") == 1  # asked before the open returned
+    assert first < 0.2 * 2 + 0.3, first  # its own fetch and md5 (one round trip each, at once)
+    (folder / names[1]).read_bytes()  # followed: the zip goes on and brings the rest
+    deadline = time.monotonic() + 20
+    while "0 in flight" not in m.path(".nbiafs", "status").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name in names[2:]:
+        assert os.getxattr(folder / name, "user.nbiafs.cached") == b"yes", name
+
+
+def test_a_lone_peek_abandons_its_zip(nbia_archive_factory, mount_factory):
+    """ls, then one file and nothing else: the zip started by that open is abandoned after
+    `peek_abandon_s` (3 s); what it brought unverified is dropped, nothing else is fetched."""
+    archive = nbia_archive_factory(parse_spec("1x1x1x1x60@256", noise_hu=20.0))
+    m = mount_factory(archive.url, name="peek")
+    series = big(archive)
+    folder = m.path(series_path(series))
+    names = sorted(os.listdir(folder))
+    archive.set_faults(total_mbit_s=5.0)  # the 60-instance zip (about 4 MB) takes several seconds
+    (folder / names[0]).read_bytes()
+    time.sleep(5)
+    archive.clear_faults()
+    counts = archive.counters()["endpoints"]
+    assert counts.get("getImage") == 1 and counts.get("getSingleImage") == 1
+    cached = [n for n in names if os.getxattr(folder / n, "user.nbiafs.cached") == b"yes"]
+    assert cached == [names[0]]
+    assert "abandoned" in m.log() and "1 series zips (1 abandoned)" in m.path(".nbiafs", "status").read_text()
 
 
 @pytest.mark.parametrize("fault", [{"zip_drop_entries": 3}, {"zip_truncate": True},
@@ -67,7 +113,8 @@ def test_small_series_prefetched_at_first_open_without_zip(nbia_archive, mount_f
     m = mount_factory(nbia_archive.url, name="small")
     series = big(nbia_archive)
     folder = m.path(series_path(series))
-    first = sorted(os.listdir(folder))[0]
+    first = min(f"{i.sop_uid}.dcm" for i in series.instances)  # opened without listing its folder
+    os.stat(folder / first)  # its parents' listings
     nbia_archive.reset_counters()
     (folder / first).read_bytes()
     # 12 instances > small_series (8): nothing more until a second distinct open (the md5 is
