@@ -72,6 +72,16 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+class _Done:
+    """A finished future's face, for a store that could not be started."""
+
+    def __init__(self, error: BaseException | None):
+        self._error = error
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+
 class InstanceCache:
     """Locking: `_lock` guards `_flights` (key -> the one download under way)."""
 
@@ -154,23 +164,45 @@ class InstanceCache:
             try:
                 handle = self._get(key)
                 if handle is not None:
+                    self._land(key, flight)
                     return handle, False
-                with self.partial_file() as tmp:
+                tmp = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
+                try:
                     fetch(tmp)
+                    tmp.flush()
                     # Opened before the cache adopts it: served even if evicted at once.
                     handle = open(tmp.name, "rb")
-                    try:
-                        self._store(key, tmp)
-                    except BaseException:
-                        handle.close()
-                        raise
-                self.downloads += counted
+                except BaseException:
+                    tmp.close()
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp.name)
+                    raise
             except BaseException as exc:
                 flight.error = exc
+                self._land(key, flight)
                 raise
+            self.downloads += counted
+            # Stored by the index's thread while the reader goes on (the file is complete and
+            # verified, and `handle` serves it whatever happens to the cache); other opens of
+            # the key wait for the flight, which lands once it is stored.
+            self._store_later(key, tmp, flight)
+            return handle, True
+
+    def _store_later(self, key: str, tmp, flight: _Flight) -> None:
+        def stored(future) -> None:
+            tmp.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp.name)  # unless the cache adopted it
+            try:
+                if future.exception() is not None:
+                    log.warning("%s could not be stored in the cache: %s", key, future.exception())
             finally:
                 self._land(key, flight)
-            return handle, True
+        try:
+            self._cache.submit(self._store, key, tmp).add_done_callback(stored)
+        except RuntimeError:  # closing: nothing is stored any more
+            stored_now = _Done(RuntimeError("the cache is closing"))
+            stored(stored_now)
 
     # ------------------------------------------------------------------ bulk transfers
     def claim(self, keys) -> set[str]:
@@ -178,10 +210,12 @@ class InstanceCache:
 
         Opens of a claimed key wait for `deliver` or `release` instead of fetching it.
         """
+        keys = list(keys)
+        cached = self.cached(keys)
         claimed = set()
         with self._lock:
             for key in keys:
-                if key not in self._flights and key not in self._cache:
+                if key not in self._flights and key not in cached:
                     self._flights[key] = _Flight()
                     claimed.add(key)
         return claimed
@@ -196,6 +230,43 @@ class InstanceCache:
         finally:
             if flight is not None:
                 self._land(key, flight)
+
+    def deliver_many(self, items) -> list[str]:
+        """Store verified instances of claimed keys, `(key, path of a held file)` in the order
+        readers will want them, with one hand-over to the index's thread and one transaction;
+        then wake their waiters, in that order. Returns the keys stored (a file that could not
+        be stored stays claimed until `release`)."""
+        items = list(items)
+        if not items:
+            return []
+        limit = self._room_for(sum(os.path.getsize(path) for _key, path in items))
+
+        def store_all(cache) -> list[tuple[str, str]]:
+            stored = []
+            with cache.transact():
+                for key, path in items:
+                    try:
+                        cache.set(key, _Adopt(path))
+                        handle = cache.get(key, read=True)
+                    except OSError as exc:
+                        log.warning("%s could not be stored: %s", key, exc)
+                        continue
+                    if handle is not None:
+                        stored.append((key, handle.name))
+                        handle.close()
+            if cache.volume() > limit:
+                cache.cull()
+            return stored
+
+        stored = self._cache.run(store_all)
+        for key, name in stored:
+            with self._lock:
+                self._paths[key] = name
+                flight = self._flights.get(key)
+            self.downloads += 1
+            if flight is not None:
+                self._land(key, flight)
+        return [key for key, _name in stored]
 
     def release(self, key: str) -> None:
         """Give up a claimed key: its waiters fetch it themselves."""
@@ -242,14 +313,29 @@ class InstanceCache:
             f.close()
 
     def _store(self, key: str, src: BinaryIO) -> None:
+        """Adopt `src` as the instance `key`: one hand-over to the index's thread (room, store,
+        evict, and where the file now is, so the reader's open skips the index)."""
         src.flush()
-        limit = self._room_for(os.fstat(src.fileno()).st_size)
-        self._cache.set(key, _Adopt(src.name))
-        if self._cache.volume() > limit:
-            self._cache.cull()  # evict least recently used entries down to the limit
-        stored = self._get(key)  # learn where it is now, so the reader's open skips the index
-        if stored is not None:
+        size = os.fstat(src.fileno()).st_size
+
+        def store(cache) -> str | None:
+            limit = self._room_for(size)
+            cache.set(key, _Adopt(src.name))
+            if cache.volume() > limit:
+                cache.cull()  # evict least recently used entries down to the limit
+            try:
+                stored = cache.get(key, read=True)
+            except OSError:
+                return None
+            if stored is None:
+                return None
             stored.close()
+            return stored.name
+
+        name = self._cache.run(store)
+        if name:
+            with self._lock:
+                self._paths[key] = name
 
     def _room_for(self, incoming: int) -> int:
         """The cache limit that keeps `min_free_bytes` of the disk free once `incoming` (already
@@ -275,6 +361,24 @@ class InstanceCache:
             return len(self._flights)
 
     # ------------------------------------------------------------------ lookups
+    def bulk_room(self) -> int:
+        """Bytes a bulk transfer may hold beside the cache: the limit, or less on a small disk."""
+        try:
+            free = self._disk_usage(self.directory).free
+        except OSError:
+            return self.max_bytes
+        return max(0, min(self.max_bytes, free - self.min_free_bytes))
+
+    def cached(self, keys) -> set[str]:
+        """Which of `keys` are cached, with one hand-over to the index's thread for all."""
+        keys = list(keys)
+        with self._lock:
+            known = {k for k in keys if k in self._paths}
+        rest = [k for k in keys if k not in known]
+        if rest:
+            known.update(self._cache.run(lambda c: [k for k in rest if k in c]))
+        return known
+
     def contains(self, key: str) -> bool:
         with self._lock:
             path = self._paths.get(key)

@@ -474,8 +474,9 @@ class Catalog:
             return dict(known)
 
     def record_exact_size(self, series_uid: str, sop_uid: str, size: int) -> None:
-        """Remember a fetched instance's size: at once in memory, on disk at most once a second
-        per series (and at `flush`); a size lost in a crash is recorded again at the next open."""
+        """Remember a fetched instance's size: at once in memory, on disk (in the background) at
+        most once a second per series, and at `flush`; a size lost in a crash is recorded again
+        at the next open."""
         self._exact_sizes(series_uid)  # loaded
         with self._lock:
             known = self._exact[series_uid]
@@ -485,8 +486,11 @@ class Catalog:
             self._exact_versions[series_uid] = self._exact_versions.get(series_uid, 0) + 1
             self._dirty.add(series_uid)
             due = time.monotonic() - self._flushed_at.get(series_uid, 0.0) >= EXACT_FLUSH_S
-        if due:
-            self._persist(series_uid)
+        if due:  # written by a background thread: not on the open's path
+            try:
+                self._walk_pool().submit(self._persist, series_uid)
+            except RuntimeError:  # closing: flush() writes it
+                pass
 
     def flush(self) -> None:
         """Write every exact size not yet on disk (at unmount)."""

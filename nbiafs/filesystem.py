@@ -203,7 +203,7 @@ class NbiaFilesystem:
 
     def open_instance(self, node: Node) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
-        if self.prefetcher is not None and not self.cache.contains(key):
+        if self.prefetcher is not None:
             self.prefetcher.opening(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
                                     self.catalog.series_total(node) or 0)
         handle, _downloaded = self.cache.open(

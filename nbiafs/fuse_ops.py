@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import re
+import sqlite3
 import threading
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would take libfuse2 first
@@ -76,9 +77,9 @@ def _errno_boundary(method):
             else:
                 log.debug("%s %s: %s", method.__name__, args[0] if args else "", exc)
             raise FuseOSError(exc.errno) from None
-        except OSError as exc:
-            # A local failure (the cache's disk): EIO. Its own errno would mislead: a cache
-            # file missing under a name that exists is not ENOENT for the path asked.
+        except (OSError, sqlite3.Error) as exc:
+            # A local failure (the cache's disk, its index): EIO. Its own errno would mislead: a
+            # cache file missing under a name that exists is not ENOENT for the path asked.
             log.warning("%s %s: %s", method.__name__, args[0] if args else "", exc)
             self.fs.errors.note(method.__name__, args[0] if args else "", str(exc))
             raise FuseOSError(errno.EIO) from None

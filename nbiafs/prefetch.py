@@ -46,6 +46,7 @@ import io
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -140,12 +141,19 @@ class Prefetcher:
 
     def opening(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
                 series_bytes: int) -> None:
-        """An instance is about to be fetched for an open: if its folder was just listed and the
-        rest will come as one zip, start that zip now, beside this instance's own fetch."""
+        """An open has begun (before its instance is fetched, or waited for). A second one of a
+        series makes its tentative zip a followed one at once, even while this open waits for
+        that zip. And if the folder was just listed and the rest will come as one zip, start
+        that zip now, beside this instance's own fetch."""
         if not self.config.enabled or self._stop.is_set():
             return
         now = self._clock()
         with self._lock:
+            state = self._series.get(series_uid)
+            if state is not None and not state.cancelled.is_set():
+                state.last_open = now
+                if state.tentative and sop_uid not in state.opened and state.opened:
+                    state.tentative = False  # followed: a folder reader, not a peek
             listed = self._listed.get(series_uid)
             if listed is None or now - listed > self.config.listed_window_s:
                 return
@@ -156,6 +164,11 @@ class Prefetcher:
                 state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
                 self._drop_oldest(keep=series_uid)
             if state.started:
+                return
+        if self.cache.contains(key_of(series_uid, sop_uid)):
+            return  # a re-read of what is cached, not a first read of the folder
+        with self._lock:
+            if state.started or state.cancelled.is_set():
                 return
             state.started = state.tentative = True
             state.first_open = state.last_open = now
@@ -195,11 +208,12 @@ class Prefetcher:
 
     def _start(self, state: _SeriesState, current_sop: str, series_bytes: int) -> None:
         uid = state.series_uid
-        rest = [s for s in _after(state.sops, current_sop)
-                if s != current_sop and not self.cache.contains(key_of(uid, s))]
+        candidates = [s for s in _after(state.sops, current_sop) if s != current_sop]
+        cached = self.cache.cached(key_of(uid, s) for s in candidates)
+        rest = [s for s in candidates if key_of(uid, s) not in cached]
         if not rest:
             return
-        fits = series_bytes <= self.cache.max_bytes // 2
+        fits = series_bytes <= self.cache.bulk_room() // 2  # held beside the cache until verified
         if len(rest) >= self.config.zip_min_instances and fits:
             claimed = self.cache.claim(key_of(uid, s) for s in rest)
             log.debug("prefetching series %s: %d instances as one zip", uid, len(claimed))
@@ -253,8 +267,10 @@ class Prefetcher:
         self.stats["zips"] += 1
         held: dict[str, tuple[str, str, str, int, str]] = {}  # entry name -> key, sop, path, size, md5
         md5s: dict[str, str] | None = None
+        started = time.monotonic()
         try:
             with self.client.open_series_zip(uid, with_md5=self.client.config.verify_md5) as response:
+                log.debug("zip of series %s: answered in %.3f s", uid, time.monotonic() - started)
                 chunks = response.iter_content(256 * 1024)
                 for name, entry in iter_entries(chunks, self.cache.held_file):
                     if name == MD5_LIST:
@@ -283,7 +299,13 @@ class Prefetcher:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry_fields[2])
                 held = {}
-            self._deliver_held(uid, held, md5s, claimed)
+            received = time.monotonic()
+            try:
+                self._deliver_held(uid, held, md5s, claimed)
+            except Exception:  # never leave instances claimed: their opens would wait forever
+                log.exception("series %s: storing its zip's instances failed", uid)
+            log.debug("zip of series %s: %d entries received in %.3f s, stored in %.3f s", uid, len(held),
+                      received - started, time.monotonic() - received)
             missing = sorted(k.split("/", 1)[1] for k in claimed)
             for key in claimed:
                 self.cache.release(key)
@@ -295,28 +317,30 @@ class Prefetcher:
 
     def _deliver_held(self, uid: str, held: dict, md5s: dict | None, claimed: set[str]) -> None:
         """Store each held entry that matches the archive's md5 (or, with no md5 list, its CRC
-        alone); an entry whose md5 differs stays claimed-then-released: fetched on its own.
-        In name order, the order folder readers open them in: the first reader goes on while
-        the rest are stored."""
+        alone), all in one transaction, in name order (the order folder readers open them);
+        an entry whose md5 differs stays claimed-then-released: fetched on its own."""
+        ready = []
         for name, (key, sop, path, size, md5) in sorted(held.items(), key=lambda item: item[1][1]):
-            try:
-                if self._stop.is_set():  # unmounting: the cache is closing
-                    continue
-                expected = None if md5s is None else md5s.get(name)
-                if md5s is not None and expected != md5:
-                    self.stats["zip_md5_mismatches"] += 1
-                    log.warning("series %s: %s (%s) has md5 %s, the archive's list says %s; fetching it "
-                                "on its own", uid, name, sop, md5, expected)
-                    continue
-                with open(path, "rb") as entry:
-                    self.cache.deliver(key, entry)
-                claimed.discard(key)
-                self._on_stored(uid, sop, size)
-                self.stats["zip_instances"] += 1
-                self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1
-            except (OSError, RuntimeError) as exc:  # RuntimeError: the cache closed meanwhile
-                log.warning("series %s: %s could not be stored (%s)", uid, name, exc)
-            finally:
+            expected = None if md5s is None else md5s.get(name)
+            if md5s is not None and expected != md5:
+                self.stats["zip_md5_mismatches"] += 1
+                log.warning("series %s: %s (%s) has md5 %s, the archive's list says %s; fetching it "
+                            "on its own", uid, name, sop, md5, expected)
+                continue
+            ready.append((key, sop, path, size))
+        try:
+            if ready and not self._stop.is_set():  # unmounting: the cache is closing
+                stored = set(self.cache.deliver_many((key, path) for key, _sop, path, _size in ready))
+                for key, sop, _path, size in ready:
+                    if key in stored:
+                        claimed.discard(key)
+                        self._on_stored(uid, sop, size)
+                        self.stats["zip_instances"] += 1
+                        self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1
+        except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: the cache closed meanwhile
+            log.warning("series %s: its zip's instances could not be stored (%s)", uid, exc)
+        finally:
+            for _key, _sop, path, _size, _md5 in held.values():
                 if os.path.exists(path):
                     os.unlink(path)
 

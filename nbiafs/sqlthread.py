@@ -49,6 +49,20 @@ class OneThreadCache:
             return attr
         return lambda *args, **kwargs: self._run(attr, *args, **kwargs)
 
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        """`fn(*args)` on the cache's thread, not waited for."""
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, self._name)
+                self._pid = os.getpid()
+                self._pool.submit(self._note_thread).result()
+            pool = self._pool
+        return pool.submit(fn, *args)
+
+    def run(self, fn):
+        """`fn(cache)` on the cache's thread: many lookups for one hand-over."""
+        return self._run(fn, self._cache)
+
     def __contains__(self, key) -> bool:
         return self._run(self._cache.__contains__, key)
 
