@@ -168,7 +168,7 @@ class InstanceCache:
                     return handle, False
                 tmp = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
                 try:
-                    fetch(tmp)
+                    fetch(tmp)  # type: ignore[arg-type]  # a file object, as BinaryIO says
                     tmp.flush()
                     # Opened before the cache adopts it: served even if evicted at once.
                     handle = open(tmp.name, "rb")
