@@ -50,7 +50,7 @@ PROFILES = {"latency": {"latency_s": 0.100, "total_mbit_s": 1000.0},
             "bandwidth": {"latency_s": 0.020, "total_mbit_s": 100.0}}
 TARGETS = """targets: (a) cold cp -r <= 1.1x (zip + extract + round trip), and >= 5x faster than the loop
          when latency-bound; (b) first byte <= 1.2x one request; (c) <= 1.1x zip + dcm2niix;
-         (d) page cache >= 50 % of local disk, disk cache >= 800 files/s; (e) warm walk 0 requests,
+         (d) page cache >= 50 % of local disk, disk cache >= 20 % of local disk; (e) warm walk 0 requests,
          cold walk to series level a handful; (f) RSS <= 200 MB, cache <= its limit"""
 
 
@@ -118,6 +118,26 @@ def read_all(files) -> float:
     return timed(go)
 
 
+def passthrough_reread(folder: Path, mountpoint: Path) -> float:
+    """Seconds to re-read `folder` through scripts/passthrough_fs.py (the floor of a Python
+    FUSE mount: its open and release do one system call each), page cache warm."""
+    mountpoint.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("passthrough_fs.py")), str(folder),
+                             str(mountpoint)], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("passthrough_fs.py did not mount")
+            time.sleep(0.05)
+        files = sorted(mountpoint.iterdir())
+        read_all(files)
+        return read_all(files)
+    finally:
+        subprocess.run(["fusermount", "-u", str(mountpoint)], capture_output=True)
+        proc.wait(timeout=20)
+
+
 def rel_path(series) -> str:
     return "/".join(naming.escape(p) for p in (series.collection["Collection"], series.patient["PatientID"],
                                                series.study["StudyInstanceUID"], series.uid))
@@ -142,8 +162,11 @@ def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
             r["disk_cache"] = read_all(files)
             r["page_cache"] = read_all(files)
             local = sorted((work / f"{name}-cp").iterdir())
+            drop_page_cache()
+            r["local_cold"] = read_all(local)
             read_all(local)
             r["local"] = read_all(local)
+            r["floor"] = passthrough_reread(work / f"{name}-cp", work / f"{name}-floor")
             r["files"] = len(files)
             # (b): one uncached instance of another series through the mount.
             small_rel = rel_path(small)
@@ -288,10 +311,16 @@ def report(results, names, big, scale) -> None:
         row("    zip + extract + dcm2niix  s", lambda r: f"{r['dcm2niix_local']:.2f}")
         row("    mount / local", lambda r: f"{r['dcm2niix_mount'] / r['dcm2niix_local']:.2f}x")
     row("(d) re-read via page cache  files/s", lambda r: f"{r['files'] / r['page_cache']:.0f}")
-    row("    first read, disk cache  files/s", lambda r: f"{r['files'] / r['disk_cache']:.0f}"
+    row("    local files, page cache  files/s", lambda r: f"{r['files'] / r['local']:.0f}")
+    row("    Python FUSE floor (passthrough)  files/s", lambda r: f"{r['files'] / r['floor']:.0f}")
+    row("    mount / local", lambda r: f"{r['local'] / r['page_cache']:.0%}")
+    row("    floor / local", lambda r: f"{r['local'] / r['floor']:.0%}")
+    row("    mount / floor", lambda r: f"{r['floor'] / r['page_cache']:.0%}")
+    row("(d) first read, disk cache  files/s", lambda r: f"{r['files'] / r['disk_cache']:.0f}"
         + ("" if r["dropped"] else " (pages not dropped)"))
-    row("    local disk (page cache)  files/s", lambda r: f"{r['files'] / r['local']:.0f}")
-    row("    page cache / local disk", lambda r: f"{r['local'] / r['page_cache']:.0%}")
+    row("    local files, pages dropped  files/s", lambda r: f"{r['files'] / r['local_cold']:.0f}")
+    row("    mount / local (both from disk)", lambda r: f"{r['local_cold'] / r['disk_cache']:.0%}")
+    row("    mount / local page cache", lambda r: f"{r['local'] / r['disk_cache']:.0%}")
     for key in ("find cold", "find warm", "ls -lR cold", "ls -lR warm"):
         row(f"(e) {key} of 50 patients  s (requests)", lambda r, k=key: f"{r[k][0]:.2f} ({r[k][1]})")
     if scale:
