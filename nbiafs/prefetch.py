@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import logging
 import os
@@ -272,7 +271,8 @@ class Prefetcher:
             with self.client.open_series_zip(uid, with_md5=self.client.config.verify_md5) as response:
                 log.debug("zip of series %s: answered in %.3f s", uid, time.monotonic() - started)
                 chunks = response.iter_content(256 * 1024)
-                for name, entry in iter_entries(chunks, self.cache.held_file):
+                digests: dict[str, str] = {}
+                for name, entry in iter_entries(chunks, self.cache.held_file, digests):
                     if name == MD5_LIST:
                         md5s = parse_md5_list(entry.read())
                         os.unlink(entry.name)
@@ -280,7 +280,7 @@ class Prefetcher:
                     sop = sop_instance_uid(entry) if name.lower().endswith(".dcm") else None
                     key = key_of(uid, sop) if sop else None
                     if key is not None and sop is not None and key in claimed and name not in held:
-                        held[name] = (key, sop, entry.name, _size(entry), _md5(entry))
+                        held[name] = (key, sop, entry.name, _size(entry), digests[name])
                     else:
                         os.unlink(entry.name)
                     if self._stop.is_set() or self._idle(state):
@@ -356,14 +356,6 @@ def parse_md5_list(data: bytes) -> dict[str, str]:
         if name and digest:
             out[name.strip().strip('"')] = digest.strip().strip('"').lower()
     return out
-
-
-def _md5(handle) -> str:
-    digest = hashlib.md5()
-    for block in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(block)
-    handle.seek(0)
-    return digest.hexdigest()
 
 
 def _after(sops: list[str], current: str) -> list[str]:

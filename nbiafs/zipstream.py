@@ -11,6 +11,7 @@ have been yielded, so the caller keeps what arrived and fetches the rest.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import tempfile
 import zlib
@@ -61,13 +62,14 @@ class _Reader:
         self._buf[:0] = data
 
 
-def iter_entries(chunks: Iterator[bytes], new_file=tempfile.TemporaryFile
-                 ) -> Iterator[tuple[str, BinaryIO]]:
+def iter_entries(chunks: Iterator[bytes], new_file=tempfile.TemporaryFile,
+                 md5s: dict[str, str] | None = None) -> Iterator[tuple[str, BinaryIO]]:
     """Yield (name, file positioned at 0) for each complete, CRC-checked entry.
 
     Each entry is written into `new_file()` (a context manager giving a binary file);
     the caller owns it only during the iteration step. Raises TruncatedZip if the
-    stream ends before the central directory.
+    stream ends before the central directory. With `md5s`, the md5 of each entry's content,
+    computed as it is inflated, is put there by name before the entry is yielded.
     """
     reader = _Reader(iter(chunks))
     while True:
@@ -82,11 +84,14 @@ def iter_entries(chunks: Iterator[bytes], new_file=tempfile.TemporaryFile
         extra = reader.read_exact(extra_len)
         zip64 = any(v == 0xFFFFFFFF for v in (csize, usize)) or _has_zip64(extra)
         with new_file() as out:
-            actual_crc, actual_size = _copy_data(reader, out, method, flags, csize)
+            digest = hashlib.md5() if md5s is not None else None
+            actual_crc, actual_size = _copy_data(reader, out, method, flags, csize, digest)
             if flags & 0x08:
                 crc, usize = _read_descriptor(reader, zip64)
             if actual_crc != crc or (usize != 0xFFFFFFFF and actual_size != usize):
                 raise TruncatedZip(f"entry {name}: CRC or size mismatch")
+            if md5s is not None and digest is not None:
+                md5s[name] = digest.hexdigest()
             out.seek(0)
             yield name, out
 
@@ -101,7 +106,8 @@ def _has_zip64(extra: bytes) -> bool:
     return False
 
 
-def _copy_data(reader: _Reader, out: BinaryIO, method: int, flags: int, csize: int) -> tuple[int, int]:
+def _copy_data(reader: _Reader, out: BinaryIO, method: int, flags: int, csize: int,
+               digest=None) -> tuple[int, int]:
     crc, size = 0, 0
     if method == 8:  # deflate: the stream itself says where it ends
         inflater = zlib.decompressobj(-15)
@@ -114,6 +120,8 @@ def _copy_data(reader: _Reader, out: BinaryIO, method: int, flags: int, csize: i
             except zlib.error as exc:
                 raise TruncatedZip(f"corrupt deflate data ({exc})") from None
             out.write(plain)
+            if digest is not None:
+                digest.update(plain)
             crc, size = zlib.crc32(plain, crc), size + len(plain)
             if inflater.eof:
                 reader.push_back(inflater.unused_data)
@@ -123,6 +131,8 @@ def _copy_data(reader: _Reader, out: BinaryIO, method: int, flags: int, csize: i
         while remaining:
             data = reader.read_exact(min(CHUNK, remaining))
             out.write(data)
+            if digest is not None:
+                digest.update(data)
             crc, size, remaining = zlib.crc32(data, crc), size + len(data), remaining - len(data)
         return crc, size
     raise TruncatedZip(f"unsupported zip entry (method {method}, flags {flags:#x})")
