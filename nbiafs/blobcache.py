@@ -386,6 +386,24 @@ class InstanceCache:
             return True
         return key in self._cache
 
+    def open_known(self, key: str) -> BinaryIO | None:
+        """A read handle on `key` if this cache knows where its file is without asking the index
+        (a recent open or store), else None; counted as a hit."""
+        with self._lock:
+            path = self._paths.get(key)
+        if path is None:
+            return None
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:  # evicted since
+            with self._lock:
+                self._paths.pop(key, None)
+            return None
+        with self._lock:
+            self._touched.add(key)
+        self.hits += 1
+        return handle
+
     def _get(self, key: str) -> BinaryIO | None:
         with self._lock:
             path = self._paths.get(key)

@@ -473,6 +473,12 @@ class Catalog:
             known = self._exact.setdefault(series_uid, loaded)
             return dict(known)
 
+    def exact_size(self, series_uid: str, sop_uid: str) -> int | None:
+        """The exact size recorded for an instance in this mount (memory only), if any."""
+        with self._lock:
+            known = self._exact.get(series_uid)
+            return known.get(sop_uid) if known is not None else None
+
     def record_exact_size(self, series_uid: str, sop_uid: str, size: int) -> None:
         """Remember a fetched instance's size: at once in memory, on disk (in the background) at
         most once a second per series, and at `flush`; a size lost in a crash is recorded again

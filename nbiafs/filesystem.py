@@ -203,6 +203,17 @@ class NbiaFilesystem:
 
     def open_instance(self, node: Node) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
+        handle = self.cache.open_known(key)
+        if handle is not None and self.catalog.exact_size(node.series_uid, node.sop_uid) == os.fstat(
+                handle.fileno()).st_size:
+            # The hot path of re-reads: cached, its exact size told; one open(2), no lookups.
+            # Still waits for invalidations queued before it (an eviction's refetch, the prefetch).
+            self._invalidate_estimates(node.series_uid, wait=True)
+            if self.prefetcher is not None:
+                self.prefetcher.opening_cached(node.series_uid, node.sop_uid)
+            return handle
+        if handle is not None:
+            handle.close()
         if self.prefetcher is not None:
             self.prefetcher.opening(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
                                     self.catalog.series_total(node) or 0)

@@ -173,6 +173,22 @@ class Prefetcher:
             state.first_open = state.last_open = now
         self._start(state, sop_uid, series_bytes)
 
+    def opening_cached(self, series_uid: str, sop_uid: str) -> None:
+        """A cached instance was opened: a series being read keeps its prefetch going (and a
+        tentative one is followed); nothing is started for a series that is not being read."""
+        if not self.config.enabled:
+            return
+        now = self._clock()
+        with self._lock:
+            state = self._series.get(series_uid)
+            if state is None or state.cancelled.is_set():
+                return
+            state.last_open = now
+            if sop_uid not in state.opened:
+                state.opened.add(sop_uid)
+                if state.tentative and len(state.opened) >= 2:
+                    state.tentative = False
+
     def opened(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
                series_bytes: int) -> None:
         """An instance is being opened: maybe start prefetching its series (never blocks)."""
