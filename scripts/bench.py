@@ -246,10 +246,11 @@ def scale_run(work: Path) -> dict:
             seconds = time.perf_counter() - start
             status = Path(f"/proc/{m.proc.pid}/status").read_text()
             hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
-            blobs = sum(p.stat().st_size for p in (work / "scale-cache").rglob("*") if p.is_file()
-                        and "blobs" in p.parts and not p.name.startswith("cache.db"))
         finally:
             m.stop()
+        # After the unmount: stores and evictions finish with it.
+        blobs = sum(p.stat().st_size for p in (work / "scale-cache").rglob("*") if p.is_file()
+                    and "blobs" in p.parts and not p.name.startswith("cache.db"))
     finally:
         server.stop()
     return {"series_listed": listed, "read_gb": read / 1024 ** 3, "seconds": seconds,
