@@ -16,6 +16,7 @@ handle is a real file: reads are `os.pread` on its descriptor, and eviction
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from nbiafs.sqlthread import OneThreadCache
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0  # how often reads are told to diskcache's LRU order
+TOUCH_BATCH = 32        # reads told per hand-over to the index's thread
 MIN_FREE_FRACTION = 0.05  # keep 5 % of the disk free (the anchors keep 5-10 %)
 ADOPT_ATTEMPTS = 10  # renames into a cache directory that a concurrent eviction removed
 
@@ -130,14 +132,21 @@ class InstanceCache:
 
     def _flush_touches(self) -> None:
         with self._lock:
-            touched, self._touched = self._touched, set()
-        for key in touched:
-            try:
-                handle = self._cache.get(key, read=True)  # diskcache notes the access
-            except OSError:
-                continue
-            if handle is not None:
-                handle.close()
+            touched, self._touched = list(self._touched), set()
+
+        def touch(keys, cache) -> None:
+            for key in keys:
+                try:
+                    handle = cache.get(key, read=True)  # diskcache notes the access
+                except OSError:
+                    continue
+                if handle is not None:
+                    handle.close()
+
+        # A few at a time: an open that needs the index meanwhile waits for one batch at most,
+        # not for every read of the last seconds (thousands after a fast re-read).
+        for start in range(0, len(touched), TOUCH_BATCH):
+            self._cache.run(functools.partial(touch, touched[start:start + TOUCH_BATCH]))
 
     def open(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool = True) -> tuple[BinaryIO, bool]:
         """An open read handle on the instance `key`, fetched first if needed (`counted`: in

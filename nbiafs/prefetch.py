@@ -208,8 +208,9 @@ class Prefetcher:
                                            or len(state.sops) <= self.config.small_series)
             if start:
                 state.started = True
-        if start:
-            self._start(state, sop_uid, series_bytes)
+        if start:  # off the open's path: the reader has its file, the rest is planned beside it
+            threading.Thread(target=self._start, args=(state, sop_uid, series_bytes), name="nbia-prefetch-plan",
+                             daemon=True).start()
 
     def _drop_oldest(self, keep: str) -> None:
         live = [s for s in self._series.values() if not s.cancelled.is_set()]
