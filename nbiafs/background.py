@@ -178,9 +178,9 @@ class Mounted:
 
 def _unmount(path: Path, lazy: bool = False) -> str | None:
     """Ask the kernel to unmount `path`; None when done, else the tool's message."""
-    if shutil.which("fusermount3") or shutil.which("fusermount"):
-        tool = shutil.which("fusermount3") or shutil.which("fusermount")
-        cmd = [str(tool), "-uz" if lazy else "-u", str(path)]
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        cmd = [tool, "-uz" if lazy else "-u", str(path)]
     else:
         cmd = ["umount", *(["-l"] if lazy else []), str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)

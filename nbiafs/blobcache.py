@@ -9,7 +9,7 @@ cause one download (single flight); a bulk transfer can claim instances it is
 about to deliver, and opens of those wait for it rather than fetch them again.
 
 Every value is stored as its own file (`disk_min_file_size=0`), so an open
-handle is a real file: reads are `os.pread` on its descriptor, and eviction
+handle is a real file: reads are answered from its descriptor, and eviction
 (which unlinks the file) never disturbs a file that is being read.
 """
 
@@ -72,16 +72,6 @@ class _Flight:
     def __init__(self):
         self.done = threading.Event()
         self.error: BaseException | None = None
-
-
-class _Done:
-    """A finished future's face, for a store that could not be started."""
-
-    def __init__(self, error: BaseException | None):
-        self._error = error
-
-    def exception(self) -> BaseException | None:
-        return self._error
 
 
 class InstanceCache:
@@ -198,20 +188,19 @@ class InstanceCache:
             return handle, True
 
     def _store_later(self, key: str, tmp, flight: _Flight) -> None:
-        def stored(future) -> None:
+        def finish(error: BaseException | None) -> None:
             tmp.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp.name)  # unless the cache adopted it
             try:
-                if future.exception() is not None:
-                    log.warning("%s could not be stored in the cache: %s", key, future.exception())
+                if error is not None:
+                    log.warning("%s could not be stored in the cache: %s", key, error)
             finally:
                 self._land(key, flight)
         try:
-            self._cache.submit(self._store, key, tmp).add_done_callback(stored)
-        except RuntimeError:  # closing: nothing is stored any more
-            stored_now = _Done(RuntimeError("the cache is closing"))
-            stored(stored_now)
+            self._cache.submit(self._store, key, tmp).add_done_callback(lambda f: finish(f.exception()))
+        except RuntimeError as exc:  # closing: nothing is stored any more
+            finish(exc)
 
     # ------------------------------------------------------------------ bulk transfers
     def claim(self, keys) -> set[str]:
@@ -228,17 +217,6 @@ class InstanceCache:
                     self._flights[key] = _Flight()
                     claimed.add(key)
         return claimed
-
-    def deliver(self, key: str, src: BinaryIO) -> None:
-        """Store a verified instance of a claimed key (a `partial_file`) and wake its waiters."""
-        with self._lock:
-            flight = self._flights.get(key)
-        try:
-            self._store(key, src)
-            self.downloads += 1
-        finally:
-            if flight is not None:
-                self._land(key, flight)
 
     def deliver_many(self, items) -> list[str]:
         """Store verified instances of claimed keys, `(key, path of a held file)` in the order
@@ -295,19 +273,9 @@ class InstanceCache:
         flight.done.set()
 
     @contextlib.contextmanager
-    def partial_file(self):
-        """A private temporary file beside the cache: what `_store` can adopt without a copy."""
-        f = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
-        try:
-            yield f
-        finally:
-            f.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f.name)  # unless the cache adopted it
-
-    @contextlib.contextmanager
     def held_file(self):
-        """Like `partial_file`, but kept when the block ends: its owner delivers or unlinks it
+        """A private temporary file beside the cache, which `_store` can adopt without a copy,
+        kept when the block ends: its owner delivers or unlinks it
         (a crash leaves it in the partial folder, which the next start empties)."""
         f = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".held", delete=False)
         try:
@@ -442,7 +410,3 @@ class InstanceCache:
         self._cache.clear()
         with self._lock:
             self._paths.clear()
-
-
-def pread(handle: BinaryIO, size: int, offset: int) -> bytes:
-    return os.pread(handle.fileno(), size, offset)

@@ -25,7 +25,7 @@ import time
 from typing import BinaryIO, Callable, Protocol
 
 from nbiafs import preview
-from nbiafs.blobcache import InstanceCache, pread
+from nbiafs.blobcache import InstanceCache
 from nbiafs.catalog import INSTANCE, PREVIEW, SERIES, Catalog, Node
 from nbiafs.errors import NbiaError, ReadOnly
 from nbiafs.prefetch import Prefetcher, key_of
@@ -276,12 +276,6 @@ class NbiaFilesystem:
         if handle is None:
             raise NbiaError(f"read on unknown file handle {fh}")
         return handle
-
-    def read(self, fh: int, size: int, offset: int) -> bytes:
-        handle = self.handle(fh)
-        if isinstance(handle, io.BytesIO):  # the status text
-            return handle.getvalue()[offset:offset + size]
-        return pread(handle, size, offset)
 
     def release(self, fh: int) -> None:
         with self._handles_lock:

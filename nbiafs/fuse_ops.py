@@ -25,6 +25,7 @@ import queue
 import re
 import sqlite3
 import threading
+import time
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would take libfuse2 first
 import mfusepy  # noqa: E402
@@ -107,7 +108,6 @@ class KernelInvalidator:
         self._thread: threading.Thread | None = None
         self._pending = 0
         self._lock = threading.Lock()
-        self.done = 0
 
     def start(self, fuse_handle: int | None) -> None:
         self._fuse = fuse_handle
@@ -148,7 +148,6 @@ class KernelInvalidator:
                 if self._fuse:
                     # -ENOENT: the kernel does not know the path (nothing cached): fine.
                     _libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape"))
-                    self.done += 1
             with self._lock:
                 self._pending -= 1
             event.set()
@@ -199,10 +198,6 @@ class FuseOperations(Operations):
         fi.keep_cache = 1 if immutable else 0  # instances never change: keep the page cache
         fi.direct_io = 0 if immutable else 1   # the status text: read to its end, whatever st_size said
         return 0
-
-    @_errno_boundary
-    def read(self, path, size, offset, fi):
-        return self.fs.read(fi.fh, size, offset)
 
     @_errno_boundary
     def read_buf(self, path, bufpp, size, offset, fi):
@@ -290,7 +285,6 @@ def widen_readahead(mountpoint: str) -> None:
 def _mount_device(mountpoint: str, attempts: int = 50) -> str | None:
     """MAJOR:MINOR of the FUSE mount at `mountpoint`, from /proc/self/mountinfo (never a stat
     of the mount itself, which would ask this daemon)."""
-    import time
     target = os.path.realpath(mountpoint)
     for _ in range(attempts):
         try:

@@ -83,6 +83,18 @@ class _SeriesState:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+def _note_open(state: _SeriesState, sop_uid: str, now: float, add: bool) -> None:
+    """An open of `sop_uid` in a series being prefetched (under the prefetcher's lock): it keeps
+    the series alive, and a second distinct instance makes a tentative transfer a followed one
+    (a folder reader, not a peek). `add`: count it among the opened."""
+    state.last_open = now
+    if sop_uid not in state.opened:
+        if state.opened:
+            state.tentative = False
+        if add:
+            state.opened.add(sop_uid)
+
+
 def key_of(series_uid: str, sop_uid: str) -> str:
     return f"{series_uid}/{sop_uid}"
 
@@ -150,9 +162,7 @@ class Prefetcher:
         with self._lock:
             state = self._series.get(series_uid)
             if state is not None and not state.cancelled.is_set():
-                state.last_open = now
-                if state.tentative and sop_uid not in state.opened and state.opened:
-                    state.tentative = False  # followed: a folder reader, not a peek
+                _note_open(state, sop_uid, now, add=False)
             listed = self._listed.get(series_uid)
             if listed is None or now - listed > self.config.listed_window_s:
                 return
@@ -181,13 +191,8 @@ class Prefetcher:
         now = self._clock()
         with self._lock:
             state = self._series.get(series_uid)
-            if state is None or state.cancelled.is_set():
-                return
-            state.last_open = now
-            if sop_uid not in state.opened:
-                state.opened.add(sop_uid)
-                if state.tentative and len(state.opened) >= 2:
-                    state.tentative = False
+            if state is not None and not state.cancelled.is_set():
+                _note_open(state, sop_uid, now, add=True)
 
     def opened(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
                series_bytes: int) -> None:
@@ -200,10 +205,7 @@ class Prefetcher:
             if state is None or state.cancelled.is_set():
                 state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
                 self._drop_oldest(keep=series_uid)
-            state.opened.add(sop_uid)
-            state.last_open = now
-            if len(state.opened) >= 2:
-                state.tentative = False  # followed: a folder reader, not a peek
+            _note_open(state, sop_uid, now, add=True)
             start = not state.started and (len(state.opened) >= 2
                                            or len(state.sops) <= self.config.small_series)
             if start:

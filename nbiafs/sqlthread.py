@@ -29,16 +29,18 @@ class OneThreadCache:
         self._pid = os.getpid()
         self._thread_ident: int | None = None
 
-    def _run(self, fn, *args, **kwargs):
-        if threading.get_ident() == self._thread_ident:
-            return fn(*args, **kwargs)  # already on the cache's thread
+    def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():  # a fork loses the thread
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, self._name)
                 self._pid = os.getpid()
                 self._pool.submit(self._note_thread).result()
-            pool = self._pool
-        return pool.submit(fn, *args, **kwargs).result()
+            return self._pool
+
+    def _run(self, fn, *args, **kwargs):
+        if threading.get_ident() == self._thread_ident:
+            return fn(*args, **kwargs)  # already on the cache's thread
+        return self._thread().submit(fn, *args, **kwargs).result()
 
     def _note_thread(self) -> None:
         self._thread_ident = threading.get_ident()
@@ -51,13 +53,7 @@ class OneThreadCache:
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         """`fn(*args)` on the cache's thread, not waited for."""
-        with self._lock:
-            if self._pool is None or self._pid != os.getpid():
-                self._pool = concurrent.futures.ThreadPoolExecutor(1, self._name)
-                self._pid = os.getpid()
-                self._pool.submit(self._note_thread).result()
-            pool = self._pool
-        return pool.submit(fn, *args)
+        return self._thread().submit(fn, *args)
 
     def run(self, fn):
         """`fn(cache)` on the cache's thread: many lookups for one hand-over."""
