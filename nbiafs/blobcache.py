@@ -356,6 +356,15 @@ class InstanceCache:
             known.update(self._cache.run(lambda c: [k for k in rest if k in c]))
         return known
 
+    def peek(self, key: str) -> BinaryIO | None:
+        """A read handle on `key` once any download of it under way has landed, or None if it is
+        not cached; not counted as an open (for copying a cached instance elsewhere)."""
+        with self._lock:
+            flight = self._flights.get(key)
+        if flight is not None:
+            flight.done.wait()
+        return self._get(key)
+
     def contains(self, key: str) -> bool:
         with self._lock:
             path = self._paths.get(key)

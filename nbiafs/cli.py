@@ -128,6 +128,10 @@ def _add_mount(sub, defaults: dict) -> argparse.ArgumentParser:
                         "'<date> <description> [<UID digits>]'; UID paths resolve either way")
     p.add_argument("--previews", action="store_true",
                    help="a .preview.png (middle slice) in each series folder")
+    p.add_argument("--shared-cache", metavar="s3://BUCKET/PREFIX",
+                   help="a second-level cache in S3-compatible storage shared by a cluster's mounts, so each "
+                        "instance is fetched from the archive once; endpoint and credentials as boto3 takes "
+                        "them (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
     p.add_argument("-o", dest="options", action="append", metavar="OPT[=VAL],…",
                    help="options as in fstab, e.g. -o cache_size=50G,timeout=30,allow_other")
     p.add_argument("--config", metavar="FILE", help="settings file (default: ~/.config/nbiafs/config.toml)")
@@ -291,13 +295,20 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
             manifest = tuple(parse_manifest(Path(args.manifest).expanduser()))
         except ManifestError as exc:
             raise CliError(str(exc)) from None
+    shared_cache = None
+    if getattr(args, "shared_cache", None):
+        from nbiafs.tier import parse_tier_url
+        try:
+            shared_cache = parse_tier_url(args.shared_cache)
+        except ValueError as exc:
+            raise CliError(f"--shared-cache: {exc}") from None
     return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),
                        client=client, cache=cache, prefetch=prefetch,
                        user=args.user, foreground=args.foreground, allow_other=args.allow_other,
                        collections=tuple(getattr(args, "collection", ()) or ()),
                        modalities=tuple(getattr(args, "modality", ()) or ()),
                        manifest_series=manifest, cart=getattr(args, "cart", None),
-                       names=names, previews=getattr(args, "previews", False))
+                       names=names, previews=getattr(args, "previews", False), shared_cache=shared_cache)
 
 
 def run_mount(args) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nbiafs.api.client import ClientConfig
 from nbiafs.prefetch import PrefetchConfig
+from nbiafs.tier import TierConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
@@ -65,3 +66,4 @@ class MountConfig:
     cart: str | None = None
     names: str = "uid"               # --names: study and series folders by UID or readable
     previews: bool = False           # --previews: .preview.png in each series folder
+    shared_cache: TierConfig | None = None  # --shared-cache s3://BUCKET/PREFIX: the cluster's second level

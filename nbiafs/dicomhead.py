@@ -74,3 +74,107 @@ def _walk(head: bytes) -> str | None:
     except (struct.error, UnicodeDecodeError):
         return None
     return None
+
+
+# --------------------------------------------------------------------------- completeness
+MAX_DEPTH = 16  # nested sequences followed; deeper (or hostile) files are not judged
+ITEM, ITEM_END, SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+UNDEFINED = 0xFFFFFFFF
+
+
+class _Cut(Exception):
+    """The file ends inside an element: it was cut short."""
+
+
+def ends_complete(f: BinaryIO) -> bool | None:
+    """Whether the DICOM Part-10 file `f` holds whole elements up to its last byte: False when
+    it was cut short (an element's value, an item or a sequence runs past the end; pydicom reads
+    such a file without a word), True when the last element ends at the last byte, None where
+    this walker does not judge (big endian, deflated, nesting deeper than MAX_DEPTH). Walks
+    element headers only: a few reads per element outside pixel data."""
+    end = f.seek(0, 2)
+    try:
+        if _read(f, 128, 4) != b"DICM":
+            return False
+        pos, syntax = 132, None
+        while pos < end:  # file meta: explicit VR little endian
+            group, elem, vpos, length = _element(_read(f, pos, 12, 8), 0, True)
+            vpos += pos
+            if group != 0x0002:
+                break
+            if elem == 0x0010:
+                syntax = _read(f, vpos, length).rstrip(b"\0 ").decode("ascii", "replace")
+            pos = vpos + length
+        if syntax in UNSUPPORTED:
+            return None
+        explicit = syntax != IMPLICIT_LE
+    except (_Cut, struct.error):  # struct.error: a header shorter than its VR needs
+        return False
+    # Some files say explicit VR and are written implicit (pydicom reads them with a warning):
+    # whole in either reading is whole.
+    for vr_explicit in (explicit, False) if explicit else (False,):
+        try:
+            if _dataset(f, pos, end, vr_explicit, 0, None) == end:
+                return True
+        except (_Cut, struct.error):
+            continue
+        except _TooDeep:
+            return None
+    return False
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _read(f: BinaryIO, pos: int, size: int, at_least: int | None = None) -> bytes:
+    f.seek(pos)
+    data = f.read(size)
+    if len(data) < (size if at_least is None else at_least):
+        raise _Cut
+    return data
+
+
+def _dataset(f: BinaryIO, pos: int, end: int, explicit: bool, depth: int, until) -> int:
+    """Walk elements from `pos`; stop at the end of the file (top level) or after the delimiter
+    `until`. Returns the position after the last element."""
+    if depth > MAX_DEPTH:
+        raise _TooDeep
+    while pos < end:
+        head = _read(f, pos, 12, 8)
+        tag = struct.unpack_from("<HH", head)
+        if tag[0] == 0xFFFE:  # item and delimiters: no VR, a 4-byte length
+            if until is not None and tag == until:
+                return pos + 8
+            raise _Cut  # an item or delimiter where an element belongs: not this file's structure
+        _group, _elem, vpos, length = _element(head, 0, explicit)
+        vpos += pos
+        vr = head[4:6] if explicit else None
+        if length == UNDEFINED:
+            # A sequence, encapsulated pixel data, or UN of undefined length (whose content is
+            # implicit VR): items up to a sequence delimiter.
+            pos = _items(f, vpos, end, explicit and vr != b"UN", depth + 1)
+        else:
+            pos = vpos + length
+            if pos > end:
+                raise _Cut
+    if until is not None:
+        raise _Cut  # the file ended before the delimiter
+    return pos
+
+
+def _items(f: BinaryIO, pos: int, end: int, explicit: bool, depth: int) -> int:
+    while True:
+        head = _read(f, pos, 8)
+        tag = struct.unpack_from("<HH", head)
+        length = struct.unpack_from("<I", head, 4)[0]
+        if tag == SEQUENCE_END:
+            return pos + 8
+        if tag != ITEM:
+            raise _Cut
+        if length == UNDEFINED:
+            pos = _dataset(f, pos + 8, end, explicit, depth, ITEM_END)
+        else:
+            pos += 8 + length
+            if pos > end:
+                raise _Cut

@@ -28,7 +28,8 @@ from nbiafs import preview
 from nbiafs.blobcache import InstanceCache
 from nbiafs.catalog import INSTANCE, PREVIEW, SERIES, Catalog, Node
 from nbiafs.errors import NbiaError, ReadOnly
-from nbiafs.prefetch import Prefetcher, key_of
+from nbiafs.prefetch import Prefetcher
+from nbiafs.sources import InstanceSource, key_of
 from nbiafs.status import STATUS_DIR, STATUS_FILE, ErrorLog
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,12 @@ class NbiaFilesystem:
     meet it."""
 
     def __init__(self, catalog: Catalog, cache: InstanceCache, prefetcher: Prefetcher | None = None,
-                 uid: int | None = None, gid: int | None = None, status: Callable[[], str] | None = None):
+                 uid: int | None = None, gid: int | None = None, status: Callable[[], str] | None = None,
+                 source: InstanceSource | None = None):
         self.catalog = catalog
         self.cache = cache
+        self.source = source if source is not None else InstanceSource(catalog.client, cache,
+                                                                       exact_size=catalog.exact_size)
         self.prefetcher = prefetcher
         self.status = status
         self.errors = ErrorLog()
@@ -218,7 +222,7 @@ class NbiaFilesystem:
             self.prefetcher.opening(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
                                     self.catalog.series_total(node) or 0)
         handle, _downloaded = self.cache.open(
-            key, lambda dest: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, dest))
+            key, lambda dest: self.source.fetch(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
         self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size, wait=True)
         if self.prefetcher is not None:
@@ -235,7 +239,7 @@ class NbiaFilesystem:
         def render(dest: BinaryIO) -> int:
             source, _ = self.cache.open(
                 key_of(node.series_uid, node.sop_uid),
-                lambda f: self.catalog.client.get_single_image(node.series_uid, node.sop_uid, f))
+                lambda f: self.source.fetch(node.series_uid, node.sop_uid, f))
             with source:
                 self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(source.fileno()).st_size)
                 data = preview.render(source)

@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from nbiafs.errors import (ArchiveUnavailable, AuthenticationFailed, NbiaError, 
 from nbiafs.filesystem import NbiaFilesystem
 from nbiafs.metastore import MetadataStore
 from nbiafs.prefetch import Prefetcher
-from nbiafs.status import StatusSources, hold_scope, read_scope_record, render_status, write_scope_record
+from nbiafs.sources import InstanceSource
+from nbiafs.status import (StatusSources, TierRecord, hold_scope, read_scope_record, render_status,
+                           write_scope_record)
+from nbiafs.tier import SharedTier, TierRefused, archive_name
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,9 @@ class Mount:
         self.prefetcher: Prefetcher | None = None
         self._scope_lock: int | None = None
         self._status: StatusSources | None = None
+        self.tier: SharedTier | None = None
+        self._tier_record: TierRecord | None = None
+        self._guest: GuestView | None = None
         self.served = False  # FUSE init ran: the mount was up
         self._stopped = False
 
@@ -143,13 +150,30 @@ class Mount:
         catalog = Catalog(client, store, config.cache.negative_ttl_s,
                           selection=self._selection(config, client, store), names=config.names,
                           previews=config.previews)
+        tier = self.tier = self._shared_tier(config, client, scope)
+        source = InstanceSource(client, cache, tier, exact_size=catalog.exact_size)
         prefetcher = self.prefetcher = Prefetcher(cache, client, config.prefetch,
-                                                  on_stored=lambda *stored: fs.record_exact_size(*stored))
-        fs = self.fs = NbiaFilesystem(catalog, cache, prefetcher, status=self.status_text)
+                                                  on_stored=lambda *stored: fs.record_exact_size(*stored),
+                                                  source=source)
+        fs = self.fs = NbiaFilesystem(catalog, cache, prefetcher, status=self.status_text, source=source)
         self._status = StatusSources(config.mountpoint, config.client.root_url, api,
                                      client.user, scope, time.time(), client, cache,
-                                     prefetcher if config.prefetch.enabled else None, fs.errors)
+                                     prefetcher if config.prefetch.enabled else None, fs.errors, tier)
         return fs
+
+    def _shared_tier(self, config: MountConfig, client: NbiaClient, scope: Path) -> SharedTier | None:
+        if config.shared_cache is None:
+            return None
+        if client.identity is not None:
+            self._guest = GuestView(config.client, client.api or "v4")
+        tier = SharedTier(config.shared_cache, archive_name(config.client.root_url), client.identity,
+                          md5_of=client.md5_request, guest_sees=self._guest.sees if self._guest else None)
+        try:
+            tier.connect()
+        except TierRefused as exc:
+            raise MountError(str(exc)) from None
+        self._tier_record = TierRecord(scope, config.shared_cache.url, tier.stats)
+        return tier
 
     @staticmethod
     def _selection(config: MountConfig, client: NbiaClient, store: MetadataStore) -> Selection:
@@ -202,6 +226,10 @@ class Mount:
             self.prefetcher.start()
         if self._cache is not None:
             self._cache.start()
+        if self.tier is not None:
+            self.tier.start()
+        if self._tier_record is not None:
+            self._tier_record.start()
 
     def stop(self) -> None:
         if self._stopped:
@@ -214,6 +242,15 @@ class Mount:
                 log.info("unmounting: %d instances downloaded (%d from %d zips, %d prefetched one by one), "
                          "%d opens served from the cache", self._cache.downloads, stats["zip_instances"],
                          stats["zips"], stats["single_instances"], self._cache.hits)
+        if self.tier is not None:  # before the cache closes: its queued puts read from it
+            self.tier.stop()
+            stats = self.tier.stats
+            log.info("shared cache: %d instances read from it, %d put into it, %d refused, %d errors",
+                     stats["hits"], stats["puts"], stats["rejected"], stats["errors"])
+        if self._tier_record is not None:
+            self._tier_record.stop()
+        if self._guest is not None:
+            self._guest.close()
         if self.fs is not None:
             self.fs.catalog.close()
         if self.fs is not None:
@@ -229,6 +266,36 @@ class Mount:
         if self._scope_lock is not None:
             os.close(self._scope_lock)
             self._scope_lock = None
+
+
+class GuestView:
+    """Whether the archive's public view (the guest) sees a series: a named user's mount puts
+    what the guest sees under the tier's public prefix, everything else under its own. The
+    guest's client is made on first use, from a put thread."""
+
+    def __init__(self, config, api: str):
+        self._config = config
+        self._api = api
+        self._lock = threading.Lock()  # guards _client
+        self._client: NbiaClient | None = None
+
+    def sees(self, series_uid: str) -> bool:
+        with self._lock:
+            if self._client is None:
+                guest = NbiaClient(self._config)
+                guest.use_api(self._api)
+                self._client = guest.connect()
+            client = self._client
+        return bool(client.get_series(series_uid=series_uid))
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except NbiaError as exc:
+                log.debug("while closing the guest's client: %s", exc)
 
 
 MAX_FUSE_THREADS = 64   # libfuse3's worker threads at most (each blocked open holds one)

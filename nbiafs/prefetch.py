@@ -54,6 +54,7 @@ from typing import Callable
 from nbiafs.blobcache import InstanceCache
 from nbiafs.dicomhead import sop_instance_uid
 from nbiafs.errors import NbiaError
+from nbiafs.sources import InstanceSource, key_of
 from nbiafs.zipstream import TruncatedZip, iter_entries
 
 log = logging.getLogger(__name__)
@@ -95,15 +96,13 @@ def _note_open(state: _SeriesState, sop_uid: str, now: float, add: bool) -> None
             state.opened.add(sop_uid)
 
 
-def key_of(series_uid: str, sop_uid: str) -> str:
-    return f"{series_uid}/{sop_uid}"
-
-
 class Prefetcher:
     def __init__(self, cache: InstanceCache, client, config: PrefetchConfig,
-                 on_stored: Callable[[str, str, int], None], clock=time.monotonic):
+                 on_stored: Callable[[str, str, int], None], clock=time.monotonic,
+                 source: InstanceSource | None = None):
         self.cache = cache
         self.client = client
+        self.source = source if source is not None else InstanceSource(client, cache)
         self.config = config
         self._on_stored = on_stored
         self._clock = clock
@@ -115,7 +114,7 @@ class Prefetcher:
         self._threads: list[threading.Thread] = []
         self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0,
                       "zip_md5_checked": 0, "zip_md5_mismatches": 0, "zip_without_md5": 0,
-                      "zips_abandoned": 0, "zip_entries_dropped": 0}
+                      "zips_abandoned": 0, "zip_entries_dropped": 0, "tier_instances": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def queued(self) -> int:
@@ -181,7 +180,11 @@ class Prefetcher:
                 return
             state.started = state.tentative = True
             state.first_open = state.last_open = now
-        self._start(state, sop_uid, series_bytes)
+        if self.source.tier is None:
+            self._start(state, sop_uid, series_bytes)
+        else:  # the tier's listing is a request: not on the open's path
+            threading.Thread(target=self._start, args=(state, sop_uid, series_bytes), name="nbia-prefetch-plan",
+                             daemon=True).start()
 
     def opening_cached(self, series_uid: str, sop_uid: str) -> None:
         """A cached instance was opened: a series being read keeps its prefetch going (and a
@@ -229,6 +232,18 @@ class Prefetcher:
         candidates = [s for s in _after(state.sops, current_sop) if s != current_sop]
         cached = self.cache.cached(key_of(uid, s) for s in candidates)
         rest = [s for s in candidates if key_of(uid, s) not in cached]
+        tier = self.source.tier
+        if rest and tier is not None and tier.usable():
+            # What the shared tier holds comes from there; the archive is asked for the rest only.
+            held = tier.listing(uid)
+            from_tier = [s for s in rest if s in held]
+            if from_tier:
+                claimed = self.cache.claim(key_of(uid, s) for s in from_tier)
+                log.debug("prefetching series %s: %d instances from the shared cache", uid, len(claimed))
+                threading.Thread(target=self._from_tier, args=(state, [s for s in from_tier
+                                                                       if key_of(uid, s) in claimed], claimed),
+                                 name="nbia-prefetch-tier", daemon=True).start()
+                rest = [s for s in rest if s not in held]
         if not rest:
             return
         fits = series_bytes <= self.cache.bulk_room() // 2  # held beside the cache until verified
@@ -254,7 +269,7 @@ class Prefetcher:
             key = key_of(state.series_uid, sop)
             try:
                 handle, downloaded = self.cache.open(
-                    key, functools.partial(self.client.get_single_image, state.series_uid, sop))
+                    key, functools.partial(self.source.fetch, state.series_uid, sop))
             except (NbiaError, OSError) as exc:
                 log.debug("prefetch of %s failed (%s); an open will try again", key, exc)
                 continue
@@ -278,6 +293,37 @@ class Prefetcher:
                       self.config.idle_stop_s)
             return True
         return False
+
+    # ------------------------------------------------------------------ the shared tier
+    def _from_tier(self, state: _SeriesState, sops: list[str], claimed: set[str]) -> None:
+        """Instances of a series that the shared tier holds, several GETs at once, each verified
+        and stored as it lands; what the tier could not give goes to single fetches."""
+        uid = state.series_uid
+        tier = self.source.tier
+        left = list(sops)
+
+        def deliver(sop: str, path: str) -> None:
+            key = key_of(uid, sop)
+            size = os.path.getsize(path)
+            if key in self.cache.deliver_many([(key, path)]):
+                claimed.discard(key)
+                self._on_stored(uid, sop, size)
+                self.stats["tier_instances"] += 1
+
+        try:
+            if tier is not None:
+                left = tier.get_many(uid, sops, self.cache.held_file, deliver,
+                                     lambda sop: self.source.exact_size(uid, sop),
+                                     lambda: self._stop.is_set() or self._idle(state))
+        except Exception:  # never leave instances claimed: their opens would wait forever
+            log.exception("series %s: reading it from the shared cache failed", uid)
+        finally:
+            for key in claimed:
+                self.cache.release(key)
+            if left and not state.cancelled.is_set() and not self._stop.is_set():
+                log.debug("series %s: %d instances not from the shared cache; fetching them", uid, len(left))
+                for sop in left:
+                    self._queue.put((state, sop))
 
     # ------------------------------------------------------------------ the zip
     def _zip(self, state: _SeriesState, claimed: set[str]) -> None:
@@ -354,6 +400,7 @@ class Prefetcher:
                     if key in stored:
                         claimed.discard(key)
                         self._on_stored(uid, sop, size)
+                        self.source.sent_by_archive(uid, sop)
                         self.stats["zip_instances"] += 1
                         self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1
         except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: the cache closed meanwhile

@@ -39,13 +39,13 @@ MOUNT_SETTINGS = {
     "url": "str", "api": "str", "user": "str", "cache_dir": "str", "cache_size": "str",
     "insecure": "bool", "timeout": "float", "log_level": "str", "log_file": "str",
     "connections": "int", "no_prefetch": "bool", "no_verify_md5": "bool", "allow_other": "bool", "foreground": "bool",
-    "names": "str", "previews": "bool",
+    "names": "str", "previews": "bool", "shared_cache": "str",
     "collection": "list", "modality": "list", "manifest": "str", "cart": "str",
 }
 IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail",
                          "_netdev", "nosuid", "nodev", "noexec", "exec", "suid", "dev", "noatime",
                          "relatime", "atime", "nodiratime", "async", "sync"}
-SECRET_KEYS = {"password", "passwd", "pass", "token"}
+SECRET_KEYS = {"password", "passwd", "pass", "token", "aws_secret_access_key", "secret_key", "aws_session_token"}
 
 
 def default_config_path() -> Path:
@@ -93,8 +93,9 @@ def _convert(source: str, key: str, value, kind: str):
 def _setting(source: str, key: str, value) -> tuple[str, object]:
     name = key.replace("-", "_")
     if name in SECRET_KEYS:
-        raise SettingsError(f"{source}: {key}: passwords and tokens are never settings; use "
-                            "NBIA_PASSWORD, ~/.netrc or the prompt")
+        where = ("AWS_SECRET_ACCESS_KEY or ~/.aws/credentials" if name.startswith(("aws", "secret"))
+                 else "NBIA_PASSWORD, ~/.netrc or the prompt")
+        raise SettingsError(f"{source}: {key}: passwords and tokens are never settings; use {where}")
     if name not in MOUNT_SETTINGS:
         raise SettingsError(f"{source}: unknown setting {key!r} (known: {', '.join(sorted(MOUNT_SETTINGS))})")
     return name, _convert(source, key, value, MOUNT_SETTINGS[name])

@@ -27,11 +27,15 @@ if TYPE_CHECKING:
     from nbiafs.api.client import NbiaClient
     from nbiafs.blobcache import InstanceCache
     from nbiafs.prefetch import Prefetcher
+    from nbiafs.tier import SharedTier
 
 STATUS_DIR = ".nbiafs"
 STATUS_FILE = "status"
 SCOPE_FILE = "scope.json"
 LOCK_FILE = "scope.lock"
+TIER_FILE = "shared-cache.json"  # the shared tier's counters, summed over this scope's mounts
+TIER_RECORD_INTERVAL_S = 30.0
+TIER_COUNTERS = ("hits", "misses", "rejected", "puts", "put_errors", "puts_dropped", "errors", "outages")
 
 
 def human_bytes(n: float) -> str:
@@ -78,6 +82,7 @@ class StatusSources:
     cache: InstanceCache
     prefetcher: Prefetcher | None
     errors: ErrorLog
+    tier: SharedTier | None = None
 
 
 def render_status(src: StatusSources) -> str:
@@ -105,11 +110,67 @@ def render_status(src: StatusSources) -> str:
     abandoned = src.prefetcher.stats["zips_abandoned"] if src.prefetcher is not None else 0
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
                  f"for prefetch, {zips} series zips" + (f" ({abandoned} abandoned)" if abandoned else ""))
+    if src.tier is not None:
+        lines.append(f"shared:     {_tier_line(src.tier)}")
     integrity = _integrity(src)
     if integrity is not None:
         lines.append(f"integrity:  {integrity}")
     lines.append(f"errors:     {src.errors.count}" + (f" (last: {src.errors.last})" if src.errors.last else ""))
     return "\n".join(lines) + "\n"
+
+
+def _tier_line(tier: SharedTier) -> str:
+    t = dict(tier.stats)
+    state = "up" if tier.usable() else "down (reading from the archive)"
+    return (f"{tier.config.url} {state}: {t['hits']} instances read from it, {t['misses']} not there, "
+            f"{t['rejected']} refused by the checks; {t['puts']} put ({tier.queued()} queued, "
+            f"{t['puts_dropped']} dropped, {t['put_errors']} refused); {t['errors']} errors, "
+            f"{t['outages']} outages")
+
+
+class TierRecord:
+    """The tier's counters in the scope (`shared-cache.json`), added to those of earlier mounts,
+    rewritten every TIER_RECORD_INTERVAL_S and at unmount: what `nbiafs cache info` shows."""
+
+    def __init__(self, scope: Path, url: str, stats: dict):
+        self._path = scope / TIER_FILE
+        self._url = url
+        self._stats = stats
+        earlier = read_tier_record(scope)
+        self._earlier = {k: int(earlier.get(k, 0)) for k in TIER_COUNTERS} if earlier.get("url") == url else {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="nbia-tier-record", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TIER_RECORD_INTERVAL_S):
+            self.write()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.write()
+
+    def write(self) -> None:
+        now = dict(self._stats)
+        record: dict = {k: self._earlier.get(k, 0) + int(now.get(k, 0)) for k in TIER_COUNTERS}
+        record.update(url=self._url, updated=time.time())
+        with contextlib.suppress(OSError):
+            tmp = self._path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self._path)
+
+
+def read_tier_record(scope: Path) -> dict:
+    try:
+        record = json.loads((scope / TIER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _integrity(src: StatusSources) -> str | None:
@@ -220,6 +281,11 @@ def format_scopes(root: Path, infos: list[ScopeInfo]) -> str:
         last = dt.datetime.fromtimestamp(s.last_used, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         lines.append(f"  {s.path.name}  {s.url} (API {s.api}), user {s.user or 'anonymous'}: "
                      f"{human_bytes(s.bytes)}, {s.files} files, last used {last}")
+        tier = read_tier_record(s.path)
+        if tier.get("url"):
+            lines.append(f"    shared cache {tier['url']}: {tier.get('hits', 0)} instances read from it "
+                         f"({tier.get('rejected', 0)} refused by the checks), {tier.get('puts', 0)} put, "
+                         f"{tier.get('errors', 0) + tier.get('put_errors', 0)} errors")
     lines.append(f"  total {human_bytes(sum(s.bytes for s in infos))}")
     return "\n".join(lines) + "\n"
 

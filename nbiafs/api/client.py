@@ -593,10 +593,22 @@ class NbiaClient:
                                   lambda state: self._single_image_once(params, dest, state, md5))
 
     def _md5_pool_submit(self, sop_uid: str) -> concurrent.futures.Future:
+        return self._in_md5_pool(self._md5_attempt, sop_uid)
+
+    def _in_md5_pool(self, fn, *args) -> concurrent.futures.Future:
         with self._lock:
             if self._md5_pool is None:  # made on first use: after the daemon has forked
                 self._md5_pool = concurrent.futures.ThreadPoolExecutor(self.config.pool_size, "nbia-md5")
-            return self._md5_pool.submit(self._md5_attempt, sop_uid)
+            return self._md5_pool.submit(fn, *args)
+
+    def md5_request(self, sop_uid: str) -> concurrent.futures.Future | None:
+        """The archive's md5 of one instance, asked in the background (one try, within the read
+        timeout): a future of the md5, of None where the archive has none, or of the error that
+        kept it from answering. None when there is nothing to ask (not v4, or md5 checks off)."""
+        if self.api != "v4" or not self.config.verify_md5:
+            return None
+        return self._in_md5_pool(
+            lambda: self._md5_once(sop_uid, {"deadline": self._clock() + self.config.read_timeout_s}))
 
     def _md5_attempt(self, sop_uid: str) -> str | None:
         """One try at the archive's md5: it only adds a check, so it never delays an image for

@@ -71,11 +71,14 @@ class LocalArchive:
         self.param_check = v4.ParameterCheck()
         self.tokens = tokens or TokenStore()
         self._faults = faults or Faults()
-        self._lock = threading.Lock()  # guards _faults, _rng, _counts, _by_*, _total_link, _versions
+        # guards _faults, _rng, _counts, _by_*, _instances, _image_bytes, _total_link, _versions
+        self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._counts: Counter = Counter()
         self._by_token: Counter = Counter()
         self._by_version: Counter = Counter()
+        self._instances: Counter = Counter()  # SOPInstanceUID -> times its bytes were sent
+        self._image_bytes = 0                 # bytes of image answers (single images and zips)
         self._total_link: Throttle | None = None
         self._stopping = threading.Event()
         self._own_deflate_dir = index.deflate_dir is None
@@ -186,18 +189,28 @@ class LocalArchive:
             if version:
                 self._by_version[version] += 1
 
+    def sent_image(self, sop_uids, size: int) -> None:
+        """An image answer went out: the instances it carried and its bytes on the wire."""
+        with self._lock:
+            self._instances.update(sop_uids)
+            self._image_bytes += size
+
     def counters(self) -> dict:
         """{"endpoints": {name: n}, "versions": {"v4": n}, "tokens": {"<user>#<grant>": n},
-        "total": n}."""
+        "total": n, "instances": {SOPInstanceUID: times sent, by getSingleImage or in a zip},
+        "image_bytes": n}."""
         with self._lock:
             return {"endpoints": dict(self._counts), "versions": dict(self._by_version),
-                    "tokens": dict(self._by_token), "total": sum(self._counts.values())}
+                    "tokens": dict(self._by_token), "total": sum(self._counts.values()),
+                    "instances": dict(self._instances), "image_bytes": self._image_bytes}
 
     def reset_counters(self) -> None:
         with self._lock:
             self._counts.clear()
             self._by_token.clear()
             self._by_version.clear()
+            self._instances.clear()
+            self._image_bytes = 0
 
 
 class _Server(ThreadingHTTPServer):
@@ -435,6 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             raise _Stop()
         self._write(data, link)
+        self.archive.sent_image([sop_uid], len(data))
 
     def _zip(self, endpoint, series: Series, params, faults: Faults, link):
         with_md5 = endpoint == "getImageWithMD5Hash"
@@ -467,6 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not faults.zip_truncate:  # truncated: the stream ends before the central directory
             writer.finish()
         sink.finish()
+        self.archive.sent_image([inst.sop_uid for _name, inst in instances], sink.sent)
 
     # --------------------------------------------------------------- v4
     def _service_v4(self, endpoint: str, pairs: list[tuple[str, str]]):
@@ -618,6 +633,7 @@ class _ChunkedWriter(io.RawIOBase):
     def __init__(self, handler: _Handler, link):
         self.handler, self.link = handler, link
         self.buffer = bytearray()
+        self.sent = 0
 
     def writable(self):
         return True
@@ -632,6 +648,7 @@ class _ChunkedWriter(io.RawIOBase):
         if self.buffer:
             data = bytes(self.buffer)
             self.buffer.clear()
+            self.sent += len(data)
             self.handler._write(f"{len(data):X}\r\n".encode() + data + b"\r\n", self.link)
 
     def finish(self):
