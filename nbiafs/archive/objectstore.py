@@ -41,7 +41,8 @@ def weed_binary() -> str:
 
 
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
         while len(ports) < n:
             s = socket.socket()
