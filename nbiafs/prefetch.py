@@ -180,11 +180,7 @@ class Prefetcher:
                 return
             state.started = state.tentative = True
             state.first_open = state.last_open = now
-        if self.source.tier is None:
-            self._start(state, sop_uid, series_bytes)
-        else:  # the tier's listing is a request: not on the open's path
-            threading.Thread(target=self._start, args=(state, sop_uid, series_bytes), name="nbia-prefetch-plan",
-                             daemon=True).start()
+        self._start(state, sop_uid, series_bytes)
 
     def opening_cached(self, series_uid: str, sop_uid: str) -> None:
         """A cached instance was opened: a series being read keeps its prefetch going (and a
@@ -232,30 +228,53 @@ class Prefetcher:
         candidates = [s for s in _after(state.sops, current_sop) if s != current_sop]
         cached = self.cache.cached(key_of(uid, s) for s in candidates)
         rest = [s for s in candidates if key_of(uid, s) not in cached]
-        tier = self.source.tier
-        if rest and tier is not None and tier.usable():
-            # What the shared tier holds comes from there; the archive is asked for the rest only.
-            held = tier.listing(uid)
-            from_tier = [s for s in rest if s in held]
-            if from_tier:
-                claimed = self.cache.claim(key_of(uid, s) for s in from_tier)
-                log.debug("prefetching series %s: %d instances from the shared cache", uid, len(claimed))
-                threading.Thread(target=self._from_tier, args=(state, [s for s in from_tier
-                                                                       if key_of(uid, s) in claimed], claimed),
-                                 name="nbia-prefetch-tier", daemon=True).start()
-                rest = [s for s in rest if s not in held]
         if not rest:
             return
+        tier = self.source.tier
+        if tier is not None and tier.usable():
+            # Claimed at once (the next opens wait for the plan, as for a zip), then planned beside
+            # them: what the shared tier holds comes from there, the archive is asked for the rest.
+            claimed = self.cache.claim(key_of(uid, s) for s in rest)
+            threading.Thread(target=self._plan_with_tier, args=(state, rest, claimed, series_bytes),
+                             name="nbia-prefetch-tier", daemon=True).start()
+            return
+        self._from_archive(state, rest, None, series_bytes)
+
+    def _from_archive(self, state: _SeriesState, rest: list[str], claimed: set[str] | None,
+                      series_bytes: int) -> None:
+        """The rest of a series from the archive: one zip, or single fetches (`claimed`: the
+        keys already claimed for it, released if single fetches take them)."""
+        uid = state.series_uid
         fits = series_bytes <= self.cache.bulk_room() // 2  # held beside the cache until verified
         if len(rest) >= self.config.zip_min_instances and fits:
-            claimed = self.cache.claim(key_of(uid, s) for s in rest)
+            if claimed is None:
+                claimed = self.cache.claim(key_of(uid, s) for s in rest)
             log.debug("prefetching series %s: %d instances as one zip", uid, len(claimed))
             threading.Thread(target=self._zip, args=(state, claimed), name="nbia-prefetch-zip",
                              daemon=True).start()
-        else:
-            log.debug("prefetching series %s: %d instances", uid, len(rest))
-            for sop in rest:
-                self._queue.put((state, sop))
+            return
+        for key in claimed or ():
+            self.cache.release(key)
+        log.debug("prefetching series %s: %d instances", uid, len(rest))
+        for sop in rest:
+            self._queue.put((state, sop))
+
+    def _plan_with_tier(self, state: _SeriesState, rest: list[str], claimed: set[str], series_bytes: int) -> None:
+        uid = state.series_uid
+        try:
+            held = self.source.tier.listing(uid) if self.source.tier is not None else set()
+            from_tier = [s for s in rest if s in held and key_of(uid, s) in claimed]
+            others = [s for s in rest if s not in held]
+            if others:
+                self._from_archive(state, others, {key_of(uid, s) for s in others} & claimed, series_bytes)
+        except Exception:  # never leave instances claimed: their opens would wait forever
+            log.exception("series %s: planning its prefetch failed", uid)
+            for key in claimed:
+                self.cache.release(key)
+            return
+        if from_tier:
+            log.debug("prefetching series %s: %d instances from the shared cache", uid, len(from_tier))
+            self._from_tier(state, from_tier, {key_of(uid, s) for s in from_tier})
 
     # ------------------------------------------------------------------ single fetches
     def _worker(self) -> None:

@@ -24,7 +24,7 @@ does not fit, or meets a tier that is down, is dropped: the next node to miss fe
 
 Credentials and endpoint are boto3's own: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/config and credentials; unsigned (anonymous)
-requests when none is found. Locking: `_lock` guards `stats`, `_down_since` and `_refused`.
+requests when none is found. Locking: `_lock` guards `stats`, `_down_since`, `_refused`, `_public` and `_putting`.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class SharedTier:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._gets: concurrent.futures.ThreadPoolExecutor | None = None
+        self._putting = 0  # puts taken from the queue, not finished (guarded by _lock)
         self.stats = {"hits": 0, "misses": 0, "rejected": 0, "puts": 0, "put_errors": 0, "puts_dropped": 0,
                       "errors": 0, "outages": 0}
 
@@ -368,7 +369,9 @@ class SharedTier:
             self._count("puts_dropped")
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Puts waiting or being sent."""
+        with self._lock:
+            return self._queue.qsize() + self._putting
 
     def _put_loop(self) -> None:
         while True:
@@ -379,11 +382,16 @@ class SharedTier:
             if not self.usable():
                 self._count("puts_dropped")
                 continue
+            with self._lock:
+                self._putting += 1
             try:
                 self._put(series_uid, sop_uid, opener)
             except Exception:  # a put thread must not die: the next puts still go
                 log.exception("shared cache: putting %s failed", sop_uid)
                 self._count("put_errors")
+            finally:
+                with self._lock:
+                    self._putting -= 1
 
     def _put(self, series_uid: str, sop_uid: str, opener: Callable[[], BinaryIO | None]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
