@@ -24,7 +24,7 @@ does not fit, or meets a tier that is down, is dropped: the next node to miss fe
 
 Credentials and endpoint are boto3's own: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/config and credentials; unsigned (anonymous)
-requests when none is found. Locking: `_lock` guards `stats`, `_down_since`, `_refused`, `_public` and `_putting`.
+requests when none is found. Locking: `_lock` guards `stats`, `_down_since`, `_refused`, `_public`, `_bad` and `_putting`.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class SharedTier:
         self._down_since: float | None = None
         self._refused: set[str] = set()       # put errors logged once per kind
         self._public: cachetools.LRUCache = cachetools.LRUCache(maxsize=16384)  # series -> guest sees it
+        self._bad: cachetools.LRUCache = cachetools.LRUCache(maxsize=16384)  # keys refused, until replaced
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_max)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -243,6 +244,9 @@ class SharedTier:
 
         for scope in self._read_scopes():
             key = self._key(scope, series_uid, sop_uid)
+            with self._lock:
+                if key in self._bad:  # refused before, not replaced since: not read again
+                    continue
             try:
                 got = self._download(key, dest, ask_md5)
             except _Down as exc:
@@ -255,7 +259,9 @@ class SharedTier:
             if reason is None:
                 self._count("hits")
                 return size
-            self._count("rejected")
+            with self._lock:
+                self.stats["rejected"] += 1
+                self._bad[key] = True
             log.warning("shared cache: %s refused (%s); fetching the instance from the archive", key, reason)
         self._count("misses")
         return None
@@ -421,7 +427,9 @@ class SharedTier:
             except (BotoCoreError, OSError) as exc:
                 self._went_down(_reason(exc))
                 return
-        self._count("puts")
+        with self._lock:
+            self.stats["puts"] += 1
+            self._bad.pop(key, None)
 
 
 def make_client(config: TierConfig):

@@ -18,15 +18,15 @@ def refusal(f: BinaryIO, sop_uid: str, size: int, expected_size: int | None = No
             md5: str | None = None, expected_md5: str | None = None) -> str | None:
     """Why the `size` bytes in `f` are not instance `sop_uid` (None: they are). `expected_size`:
     the exact size, where one is known; `md5`/`expected_md5`: the bytes' md5 and the archive's."""
-    if expected_size is not None and size != expected_size:
-        return f"{size} bytes where the instance has {expected_size}"
-    if expected_md5 is not None and md5 is not None and md5 != expected_md5:
-        return f"md5 {md5}, the archive's is {expected_md5}"
     found = sop_instance_uid(f)
     if found is None:
         return "not a DICOM Part-10 file"
     if found != sop_uid:
         return f"it is instance {found}"
+    if expected_size is not None and size != expected_size:
+        return f"{size} bytes where the instance has {expected_size}"
+    if expected_md5 is not None and md5 is not None and md5 != expected_md5:
+        return f"md5 {md5}, the archive's is {expected_md5}"
     if ends_complete(f) is False:
         return "cut short (its last element runs past the end)"
     f.seek(0)

@@ -28,7 +28,7 @@ from pathlib import Path
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL: weed 4.48 often takes more than 15 s to stop on SIGTERM
 _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-          "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "metricsPort")
+          "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "metricsPort")
 
 
 def weed_binary() -> str:
