@@ -485,6 +485,10 @@ def setup_logging(level: str, log_file: str | None = None) -> None:
         target = {"filename": log_file} if log_file else {"stream": sys.stderr}
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             **target)
+        # boto3's debug lines hold every request's headers (the access key's id, signatures) and
+        # each a few kB: the tier logs what it does itself.
+        for noisy in ("boto3", "botocore", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     except OSError as exc:
         raise CliError(f"--log-file {log_file}: {exc.strerror}") from None
     except ValueError:

@@ -55,6 +55,7 @@ from nbiafs.blobcache import InstanceCache
 from nbiafs.dicomhead import sop_instance_uid
 from nbiafs.errors import NbiaError
 from nbiafs.sources import InstanceSource, key_of
+from nbiafs.tier import LEASE_RENEW_S, LEASE_STALE_S
 from nbiafs.zipstream import TruncatedZip, iter_entries
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class _SeriesState:
     last_open: float = 0.0
     started: bool = False
     tentative: bool = False           # started by a first open: abandoned unless a second follows
+    lease: bool = False               # this node holds the cluster's lease on fetching it (shared tier)
     first_open: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -114,7 +116,8 @@ class Prefetcher:
         self._threads: list[threading.Thread] = []
         self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0,
                       "zip_md5_checked": 0, "zip_md5_mismatches": 0, "zip_without_md5": 0,
-                      "zips_abandoned": 0, "zip_entries_dropped": 0, "tier_instances": 0}
+                      "zips_abandoned": 0, "zip_entries_dropped": 0, "tier_instances": 0,
+                      "followed_instances": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def queued(self) -> int:
@@ -260,12 +263,21 @@ class Prefetcher:
             self._queue.put((state, sop))
 
     def _plan_with_tier(self, state: _SeriesState, rest: list[str], claimed: set[str], series_bytes: int) -> None:
+        """What the tier holds comes from there; the rest from the archive, by one node of the
+        cluster: a series zip is fetched under a lease in the tier, and a node that finds
+        another's lease takes the instances as that node puts them, fetching only what
+        never comes (the lease holder died or stalled)."""
         uid = state.series_uid
+        tier = self.source.tier
         try:
-            held = self.source.tier.listing(uid) if self.source.tier is not None else set()
+            held = tier.listing(uid) if tier is not None else set()
             from_tier = [s for s in rest if s in held and key_of(uid, s) in claimed]
             others = [s for s in rest if s not in held]
-            if others:
+            lease = None
+            if tier is not None and len(others) >= self.config.zip_min_instances:
+                lease = tier.take_lease(uid)
+            state.lease = lease is True
+            if others and lease is not False:
                 self._from_archive(state, others, {key_of(uid, s) for s in others} & claimed, series_bytes)
         except Exception:  # never leave instances claimed: their opens would wait forever
             log.exception("series %s: planning its prefetch failed", uid)
@@ -275,6 +287,54 @@ class Prefetcher:
         if from_tier:
             log.debug("prefetching series %s: %d instances from the shared cache", uid, len(from_tier))
             self._from_tier(state, from_tier, {key_of(uid, s) for s in from_tier})
+        if lease is False:
+            log.debug("series %s: another node is fetching it; taking its instances from the shared cache", uid)
+            self._follow(state, others, {key_of(uid, s) for s in others} & claimed, series_bytes)
+
+    def _follow(self, state: _SeriesState, sops: list[str], claimed: set[str], series_bytes: int) -> None:
+        """Take the instances another node fetches under its lease as they reach the tier, for
+        as long as it holds the lease (renewed while its zip streams in) or instances keep
+        coming; whatever is still missing then comes from the archive."""
+        uid = state.series_uid
+        tier = self.source.tier
+        waiting = list(sops)
+        try:
+            while waiting and tier is not None and tier.usable() and not self._stop.is_set() \
+                    and not self._idle(state):
+                time.sleep(FOLLOW_POLL_S)
+                held = tier.listing(uid)
+                ready = [s for s in waiting if s in held]
+                if ready:
+                    left = set(tier.get_many(uid, ready, self.cache.held_file, self._tier_deliver(uid, claimed),
+                                             lambda sop: self.source.exact_size(uid, sop),
+                                             lambda: self._stop.is_set() or self._idle(state)))
+                    self.stats["followed_instances"] += len(ready) - len(left)
+                    waiting = [s for s in waiting if s not in ready or s in left]
+                    if len(left) < len(ready):
+                        continue  # progress: look again
+                if tier.lease_age(uid) > LEASE_STALE_S:
+                    break
+        except Exception:
+            log.exception("series %s: following another node's fetch failed", uid)
+        if not waiting or state.cancelled.is_set() or self._stop.is_set():
+            for key in claimed:
+                self.cache.release(key)
+            return
+        log.info("series %s: %d instances did not come from the node fetching it; fetching them", uid, len(waiting))
+        waiting_keys = {key_of(uid, s) for s in waiting}
+        for key in claimed - waiting_keys:
+            self.cache.release(key)
+        self._from_archive(state, waiting, claimed & waiting_keys, series_bytes)
+
+    def _tier_deliver(self, uid: str, claimed: set[str]) -> Callable[[str, str], None]:
+        def deliver(sop: str, path: str) -> None:
+            key = key_of(uid, sop)
+            size = os.path.getsize(path)
+            if key in self.cache.deliver_many([(key, path)]):
+                claimed.discard(key)
+                self._on_stored(uid, sop, size)
+                self.stats["tier_instances"] += 1
+        return deliver
 
     # ------------------------------------------------------------------ single fetches
     def _worker(self) -> None:
@@ -320,18 +380,9 @@ class Prefetcher:
         uid = state.series_uid
         tier = self.source.tier
         left = list(sops)
-
-        def deliver(sop: str, path: str) -> None:
-            key = key_of(uid, sop)
-            size = os.path.getsize(path)
-            if key in self.cache.deliver_many([(key, path)]):
-                claimed.discard(key)
-                self._on_stored(uid, sop, size)
-                self.stats["tier_instances"] += 1
-
         try:
             if tier is not None:
-                left = tier.get_many(uid, sops, self.cache.held_file, deliver,
+                left = tier.get_many(uid, sops, self.cache.held_file, self._tier_deliver(uid, claimed),
                                      lambda sop: self.source.exact_size(uid, sop),
                                      lambda: self._stop.is_set() or self._idle(state))
         except Exception:  # never leave instances claimed: their opens would wait forever
@@ -350,7 +401,8 @@ class Prefetcher:
         self.stats["zips"] += 1
         held: dict[str, tuple[str, str, str, int, str]] = {}  # entry name -> key, sop, path, size, md5
         md5s: dict[str, str] | None = None
-        started = time.monotonic()
+        started = renewed = time.monotonic()
+        tier = self.source.tier
         try:
             with self.client.open_series_zip(uid, with_md5=self.client.config.verify_md5) as response:
                 log.debug("zip of series %s: answered in %.3f s", uid, time.monotonic() - started)
@@ -369,6 +421,9 @@ class Prefetcher:
                         os.unlink(entry.name)
                     if self._stop.is_set() or self._idle(state):
                         break
+                    if state.lease and time.monotonic() - renewed > LEASE_RENEW_S and tier is not None:
+                        tier.renew_lease(uid)
+                        renewed = time.monotonic()
         except (TruncatedZip, NbiaError, OSError, ValueError) as exc:
             self.stats["zip_failures"] += 1
             log.warning("zip of series %s ended early (%s); fetching the rest one by one", uid, exc)
@@ -393,6 +448,9 @@ class Prefetcher:
             missing = sorted(k.split("/", 1)[1] for k in claimed)
             for key in claimed:
                 self.cache.release(key)
+            if state.lease and tier is not None:  # after the puts of what it brought
+                tier.drop_lease_later(uid)
+                state.lease = False
             if missing and not state.cancelled.is_set() and not self._stop.is_set():
                 log.info("series %s: %d instances not in the zip; fetching them one by one",
                          uid, len(missing))
@@ -431,6 +489,7 @@ class Prefetcher:
 
 
 MD5_LIST = "md5hashes.csv"
+FOLLOW_POLL_S = 0.25  # how often a node waiting on another's fetch lists the tier (one LIST in-cluster: ms)
 
 
 def parse_md5_list(data: bytes) -> dict[str, str]:

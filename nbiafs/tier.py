@@ -24,7 +24,9 @@ does not fit, or meets a tier that is down, is dropped: the next node to miss fe
 
 Credentials and endpoint are boto3's own: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/config and credentials; unsigned (anonymous)
-requests when none is found. Locking: `_lock` guards `stats`, `_down_since`, `_refused`, `_public`, `_bad` and `_putting`.
+requests when none is found.
+
+Locking: `_lock` guards `stats`, `_down_since`, `_refused`, `_public`, `_bad` and `_putting`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(/.*)?$")
 CHUNK = 1024 * 1024
+LEASE_NAME = "lease"       # beside a series' objects; never a .dcm, so never listed as one
+LEASE_RENEW_S = 20.0       # the lease holder renews it this often while its zip streams in
+LEASE_STALE_S = 60.0       # a lease not renewed for this long is a dead or stalled node's
 
 
 class TierRefused(Exception):
@@ -362,6 +367,62 @@ class SharedTier:
                     os.unlink(path)
         return left
 
+    # ------------------------------------------------------------------ series leases
+    def _lease_key(self, series_uid: str) -> str:
+        return f"{self._base}{self._put_scope(series_uid)}/{series_uid}/{LEASE_NAME}"
+
+    def take_lease(self, series_uid: str) -> bool | None:
+        """Become the one node fetching this series' zip from the archive: True (ours: fetch
+        it), False (another node's fresh lease: take its instances as it puts them), None
+        (cannot tell: a tier that is down or takes no conditional writes; fetch it).
+
+        A lease is an object created with `If-None-Match: *`, which S3 (since 2024), MinIO,
+        Ceph and SeaweedFS create for one writer only; one older than LEASE_STALE_S is a dead
+        node's and is taken over."""
+        if not self.usable():
+            return None
+        from botocore.exceptions import ClientError
+        key = self._lease_key(series_uid)
+        for _attempt in range(2):
+            try:
+                self._s3.put_object(Bucket=self.config.bucket, Key=key, Body=b"", IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if _code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    log.debug("shared cache: no lease on series %s (%s)", series_uid, _code(exc))
+                    return None
+            except Exception as exc:  # noqa: BLE001 - connection errors
+                self._went_down(_reason(exc))
+                return None
+            if self.lease_age(series_uid) < LEASE_STALE_S:
+                return False
+            with contextlib.suppress(Exception):
+                self._s3.delete_object(Bucket=self.config.bucket, Key=key)
+        return None
+
+    def renew_lease(self, series_uid: str) -> None:
+        with contextlib.suppress(Exception):  # a lease not renewed goes stale: others then fetch
+            self._s3.put_object(Bucket=self.config.bucket, Key=self._lease_key(series_uid), Body=b"")
+
+    def lease_age(self, series_uid: str) -> float:
+        """Seconds since this series' lease was taken (infinite when there is none)."""
+        try:
+            head = self._s3.head_object(Bucket=self.config.bucket, Key=self._lease_key(series_uid))
+        except Exception:  # noqa: BLE001 - none, or not readable: nobody is known to fetch it
+            return float("inf")
+        return max(0.0, time.time() - head["LastModified"].timestamp())
+
+    def drop_lease_later(self, series_uid: str) -> None:
+        """Give the lease up once the puts queued before it are sent."""
+        try:
+            self._queue.put_nowait((series_uid, None, None))
+        except queue.Full:
+            self._drop_lease(series_uid)
+
+    def _drop_lease(self, series_uid: str) -> None:
+        with contextlib.suppress(Exception):  # a lease left behind only goes stale
+            self._s3.delete_object(Bucket=self.config.bucket, Key=self._lease_key(series_uid))
+
     # ------------------------------------------------------------------ puts
     def put_later(self, series_uid: str, sop_uid: str, opener: Callable[[], BinaryIO | None]) -> None:
         """Put an instance the archive sent into the tier, in the background; `opener` gives its
@@ -385,6 +446,9 @@ class SharedTier:
             if item is None:
                 return
             series_uid, sop_uid, opener = item
+            if sop_uid is None:
+                self._drop_lease(series_uid)
+                continue
             if not self.usable():
                 self._count("puts_dropped")
                 continue

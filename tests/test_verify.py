@@ -75,7 +75,8 @@ def test_refusal_names_what_is_wrong():
     assert refused(data, sop, md5=md5, expected_md5="0" * 32) == f"md5 {md5}, the archive's is {'0' * 32}"
     assert refused(data, "1.2.3") == f"it is instance {sop}"
     assert refused(b"<html>503</html>", sop) == "not a DICOM Part-10 file"
-    assert refused(data, sop, expected_size=len(data) + 1) == f"{len(data)} bytes where the instance has {len(data) + 1}"
+    assert refused(data, sop, expected_size=len(data) + 1) == \
+        f"{len(data)} bytes where the instance has {len(data) + 1}"
     assert refused(data[:-5], sop) == "cut short (its last element runs past the end)"
     # With no md5 and no exact size, a changed pixel passes what bytes alone can show: the md5 is
     # what catches it (the mount refuses a tier object when the archive's md5 cannot be had).
