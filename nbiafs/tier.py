@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 _URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(/.*)?$")
 CHUNK = 1024 * 1024
 LEASE_NAME = "lease"       # beside a series' objects; never a .dcm, so never listed as one
-LEASE_RENEW_S = 20.0       # the lease holder renews it this often while its zip streams in
-LEASE_STALE_S = 60.0       # a lease not renewed for this long is a dead or stalled node's
+LEASE_RENEW_S = 10.0       # the lease holder renews it this often while its zip streams in
+LEASE_STALE_S = 30.0       # a lease not renewed for this long is a dead or stalled node's
 
 
 class TierRefused(Exception):

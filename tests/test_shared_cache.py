@@ -3,6 +3,7 @@ and the local archive: mounts with separate local caches, as the nodes of a clus
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import os
@@ -322,3 +323,38 @@ def test_restricted_series_never_reach_a_guest_through_the_tier(nbia_archive, mo
     assert not any(nbia_archive.counters()["instances"].get(i.sop_uid) for i in restricted.instances)
     for m in (named, guest, again):
         assert PASSWORD not in m.log() and store.secret_key not in m.log()
+
+
+# --------------------------------------------------------------------------- nodes at once
+def test_nodes_reading_at_once_ask_the_archive_for_a_series_zip_once(nbia_archive, mount_factory, store, prefix):
+    series = max(public_series(nbia_archive), key=lambda s: len(s.instances))
+    nodes = [tier_mount(mount_factory, nbia_archive, store, prefix, f"at-once{n}") for n in range(3)]
+    nbia_archive.set_faults(latency_s=0.05)  # the zip takes a while: the others find its lease
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda m: read_series(m, series, "cp"), nodes))
+    assert all(r == expected(series) for r in results)
+    counts = nbia_archive.counters()
+    zips = sum(counts["endpoints"].get(e, 0) for e in ("getImage", "getImageWithMD5Hash"))
+    assert zips == 1
+    # Each node fetched the first file it opened on its own (before any plan), nothing else.
+    assert counts["endpoints"].get("getSingleImage", 0) <= 3
+    followed = sum(shared_counts(m)["instances read"] for m in nodes)
+    assert followed >= 2 * (len(series.instances) - 3)
+    assert not [k for k in objects(store, prefix) if k.endswith("/lease")]  # given up once its puts were in
+
+
+def test_a_lease_nobody_fulfils_costs_a_bounded_wait(nbia_archive, mount_factory, store, prefix):
+    """A node took a series' lease and died: a reader waits at most until its prefetch gives up
+    on a series nobody's opens move (PrefetchConfig.idle_stop_s) or the lease goes stale."""
+    from nbiafs.prefetch import PrefetchConfig
+    from nbiafs.tier import LEASE_STALE_S, archive_name
+    series = max(public_series(nbia_archive), key=lambda s: len(s.instances))
+    key = f"{prefix}/{archive_name(nbia_archive.url)}/public/{series.uid}/lease"
+    store.client().put_object(Bucket=store.bucket, Key=key, Body=b"")
+    m = tier_mount(mount_factory, nbia_archive, store, prefix, "after-a-dead-node")
+    started = time.monotonic()
+    assert read_series(m, series, "cp") == expected(series)
+    took = time.monotonic() - started
+    assert took < min(PrefetchConfig.idle_stop_s, LEASE_STALE_S) + 5
+    sent = nbia_archive.counters()["instances"]
+    assert all(sent.get(i.sop_uid) == 1 for i in series.instances)  # then all came from the archive
