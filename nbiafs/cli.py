@@ -237,6 +237,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--names", choices=["uid", "readable"], default="readable",
                    help="study and series folders readable (default: '<date> <description> [<UID "
                         "digits>]') or by UID; UID paths resolve either way")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="also start a local S3 object store (SeaweedFS) and mount with it as the shared "
+                        "second-level cache, as the nodes of a cluster do")
     p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
     p.set_defaults(func=run_demo)
 
@@ -325,6 +328,7 @@ def run_mount(args) -> int:
 
 
 def run_demo(args) -> int:
+    import os
     import shutil
     import tempfile
     from pathlib import Path
@@ -340,16 +344,33 @@ def run_demo(args) -> int:
     print("Preparing the demo archive (generated once, then reused)...", file=sys.stderr, flush=True)
     archive = LocalArchive(load_synthetic("demo")).start()
     cache_dir = tempfile.mkdtemp(prefix="nbiafs-demo-cache-")
+    store = None
     args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "auto", None, None, "1G"
     args.foreground, args.allow_other, args.timeout, args.previews = True, False, None, True
-    config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
-    print(demo_instructions(archive, mountpoint, args.names), flush=True)
+    wants_store, args.shared_cache = args.shared_cache, None
     try:
+        if wants_store:
+            from nbiafs.archive.objectstore import LocalObjectStore
+            print("Starting a local S3 object store (SeaweedFS) for the shared cache...", file=sys.stderr, flush=True)
+            try:
+                store = LocalObjectStore(Path(tempfile.mkdtemp(prefix="nbiafs-demo-s3-"))).start()
+            except RuntimeError as exc:
+                raise CliError(str(exc).splitlines()[0]) from None
+            os.environ.update(store.environment())  # boto3 reads them; never in argv
+            args.shared_cache = f"s3://{store.bucket}/demo"
+        config = mount_config(args, root_url=archive.url, cache_dir=cache_dir)
+        print(demo_instructions(archive, mountpoint, args.names), flush=True)
+        if store is not None:
+            print(f"The shared cache is {args.shared_cache} at {store.endpoint}: the status shows what came "
+                  "from it and what was put into it.", flush=True)
         run(config)
     except MountError as exc:
         raise CliError(str(exc)) from None
     finally:
         archive.stop()
+        if store is not None:
+            store.stop()
+            shutil.rmtree(store.directory, ignore_errors=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
         removed = False
         if created:

@@ -446,7 +446,10 @@ class SharedTier:
             if item is None:
                 return
             series_uid, sop_uid, opener = item
-            if sop_uid is None:
+            if sop_uid is None:  # after the puts taken before it (by any thread) are sent
+                deadline = time.monotonic() + self.config.get_budget_s
+                while self.queued() > self._queue.qsize() and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 self._drop_lease(series_uid)
                 continue
             if not self.usable():

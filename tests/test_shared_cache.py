@@ -358,3 +358,23 @@ def test_a_lease_nobody_fulfils_costs_a_bounded_wait(nbia_archive, mount_factory
     assert took < min(PrefetchConfig.idle_stop_s, LEASE_STALE_S) + 5
     sent = nbia_archive.counters()["instances"]
     assert all(sent.get(i.sop_uid) == 1 for i in series.instances)  # then all came from the archive
+
+
+def test_the_demo_runs_with_a_shared_cache(nbia_archive_data, tmp_path):
+    from conftest import start_demo
+    mnt = tmp_path / "demo"
+    proc = start_demo(mnt, nbia_archive_data, "--shared-cache", stdout=subprocess.PIPE)
+    try:
+        first = next(p for p in sorted(mnt.rglob("*.dcm")))
+        assert first.read_bytes()[128:132] == b"DICM"
+        deadline = time.monotonic() + 30
+        while " 1 put " not in (mnt / ".nbiafs" / "status").read_text():
+            assert time.monotonic() < deadline, (mnt / ".nbiafs" / "status").read_text()
+            time.sleep(0.2)
+        assert " up: " in (mnt / ".nbiafs" / "status").read_text()
+    finally:
+        proc.send_signal(2)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert "The shared cache is s3://" in out
+    assert not subprocess.run(["pgrep", "-f", "weed server"], capture_output=True).stdout  # stopped with it
