@@ -501,8 +501,8 @@ class SharedTier:
 
 def make_client(config: TierConfig):
     """boto3's S3 client, configured the way boto3 users expect (environment, profile, config
-    files); unsigned requests when no credentials are found. One try per request: a slow or
-    failing tier is skipped for the archive, not retried."""
+    files); unsigned requests when no credentials are found. At most two tries per request: a
+    slow or failing tier is skipped for the archive, not retried at length."""
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
@@ -510,7 +510,9 @@ def make_client(config: TierConfig):
     session = boto3.session.Session()
     unsigned = session.get_credentials() is None
     options = dict(connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s,
-                   retries={"max_attempts": 1, "mode": "standard"},
+                   # Two tries: the second for a pooled connection the store closed while idle
+                   # (SeaweedFS does after a few seconds); a tier that fails twice is skipped.
+                   retries={"total_max_attempts": 2, "mode": "standard"},
                    max_pool_connections=config.get_workers + config.put_workers + 8,
                    # Plain PUTs (no streaming checksum trailers), which every S3-compatible store takes;
                    # what is read back is verified against the archive anyway.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import pydicom
@@ -114,3 +115,24 @@ def test_shared_cache_is_a_setting_and_its_secrets_are_not():
     with pytest.raises(SettingsError) as info:
         parse_mount_options("aws_secret_access_key=abc")
     assert "AWS_SECRET_ACCESS_KEY" in str(info.value) and "abc" not in str(info.value)
+
+
+def test_the_s3_client_is_unsigned_without_credentials_and_signed_with_them(monkeypatch, tmp_path):
+    from botocore import UNSIGNED
+
+    from nbiafs.tier import TierConfig, make_client
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    anonymous = make_client(TierConfig(bucket="tier"))
+    assert anonymous.meta.config.signature_version is UNSIGNED
+    assert anonymous.meta.region_name == "us-east-1"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    signed = make_client(TierConfig(bucket="tier"))
+    assert signed.meta.config.signature_version is not UNSIGNED
+    assert signed.meta.endpoint_url == "http://127.0.0.1:9"
+    assert signed.meta.config.retries["total_max_attempts"] == 2 and signed.meta.config.connect_timeout == 1.0
