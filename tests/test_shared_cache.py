@@ -377,4 +377,5 @@ def test_the_demo_runs_with_a_shared_cache(nbia_archive_data, tmp_path):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err
     assert "The shared cache is s3://" in out
-    assert not subprocess.run(["pgrep", "-f", "weed server"], capture_output=True).stdout  # stopped with it
+    # its object store stopped with it
+    assert not subprocess.run(["pgrep", "-f", "weed server.*nbiafs-demo-s3-"], capture_output=True).stdout
