@@ -28,6 +28,7 @@ from nbiafs import preview
 from nbiafs.blobcache import InstanceCache
 from nbiafs.catalog import INSTANCE, PREVIEW, SERIES, Catalog, Node
 from nbiafs.errors import NbiaError, ReadOnly
+from nbiafs.pattern import RANDOM
 from nbiafs.prefetch import Prefetcher
 from nbiafs.sources import InstanceSource, key_of
 from nbiafs.status import STATUS_DIR, STATUS_FILE, ErrorLog
@@ -170,7 +171,8 @@ class NbiaFilesystem:
         return stamp if stamp is not None else UNDATED_MTIME
 
     # ------------------------------------------------------------------ directories
-    def readdir(self, path: str) -> list[tuple[str, dict]]:
+    def readdir(self, path: str, tid: int = 0) -> list[tuple[str, dict]]:
+        """`tid`: the calling thread (FUSE's context), 0 when unknown."""
         if self.status is not None and path == STATUS_DIR_PATH:
             return [(STATUS_FILE, self._status_attributes(STATUS_PATH))]
         node = self.catalog.resolve(path)
@@ -179,12 +181,13 @@ class NbiaFilesystem:
         entries = [(name, self.attributes(child)) for name, child in self.catalog.children(node).items()]
         self.catalog.listed(node)
         if node.kind == SERIES and self.prefetcher is not None:
-            self.prefetcher.folder_listed(node.series_uid)
+            self.prefetcher.folder_listed(node.series_uid, self.prefetcher.pattern.reader_of(tid))
         return entries
 
     # ------------------------------------------------------------------ files
-    def open(self, path: str, flags: int) -> tuple[int, bool]:
-        """Open an instance for reading; returns (file handle, immutable: keep the page cache)."""
+    def open(self, path: str, flags: int, tid: int = 0) -> tuple[int, bool]:
+        """Open an instance for reading; returns (file handle, immutable: keep the page cache).
+        `tid`: the calling thread (FUSE's context), 0 when unknown."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise ReadOnly(f"{path}: read-only filesystem")
         if self.status is not None and path == STATUS_PATH:
@@ -197,7 +200,7 @@ class NbiaFilesystem:
         if node.kind == PREVIEW:
             handle = self.open_preview(node)
         elif node.kind == INSTANCE:
-            handle = self.open_instance(node)
+            handle = self.open_instance(node, tid)
         else:
             raise NbiaError(f"{path}: is a directory")
         with self._handles_lock:
@@ -205,8 +208,11 @@ class NbiaFilesystem:
             self._handles[fh] = handle
         return fh, True
 
-    def open_instance(self, node: Node) -> BinaryIO:
+    def open_instance(self, node: Node, tid: int = 0) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
+        kind = RANDOM
+        if self.prefetcher is not None:  # how this open's reader reads: it decides the prefetch
+            kind = self.prefetcher.note_open(node.series_uid, node.sop_uid, self.prefetcher.pattern.reader_of(tid))
         handle = self.cache.open_known(key)
         if handle is not None and self.catalog.exact_size(node.series_uid, node.sop_uid) == os.fstat(
                 handle.fileno()).st_size:
@@ -220,7 +226,7 @@ class NbiaFilesystem:
             handle.close()
         if self.prefetcher is not None:
             self.prefetcher.opening(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
-                                    self.catalog.series_total(node) or 0)
+                                    self.catalog.series_total(node) or 0, kind)
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.source.fetch(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
@@ -229,7 +235,7 @@ class NbiaFilesystem:
             # Told after this instance is here, so its download never shares the link with
             # the rest of its series: the file being opened comes first.
             self.prefetcher.opened(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
-                                   self.catalog.series_total(node) or 0)
+                                   self.catalog.series_total(node) or 0, kind)
         return handle
 
     def open_preview(self, node: Node) -> BinaryIO:

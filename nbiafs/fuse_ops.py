@@ -92,6 +92,14 @@ def _errno_boundary(method):
     return wrapper
 
 
+def _caller() -> int:
+    """The thread that made the request being answered (FUSE's context), 0 if unknown."""
+    try:
+        return int(_libfuse.fuse_get_context().contents.pid)
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def _read_only(*_args):
     raise FuseOSError(errno.EROFS)
 
@@ -188,12 +196,12 @@ class FuseOperations(Operations):
     @_errno_boundary
     def readdir(self, path, fh):
         entries: list[tuple[str, dict | None, int]] = [(".", None, 0), ("..", None, 0)]
-        entries += [(name, attrs, 0) for name, attrs in self.fs.readdir(path)]
+        entries += [(name, attrs, 0) for name, attrs in self.fs.readdir(path, _caller())]
         return entries
 
     @_errno_boundary
     def open(self, path, fi):
-        fh, immutable = self.fs.open(path, fi.flags)
+        fh, immutable = self.fs.open(path, fi.flags, _caller())
         fi.fh = fh
         fi.keep_cache = 1 if immutable else 0  # instances never change: keep the page cache
         fi.direct_io = 0 if immutable else 1   # the status text: read to its end, whatever st_size said

@@ -1,17 +1,20 @@
 """Series prefetch: when a reader starts on a series, fetch the rest before it asks.
 
-DICOM tools read every file of a series folder, in name order
-(shared/fuse-notes.md); per-file round trips would make a mount many times
-slower than the zip users download today. So, as the anchors do:
+DICOM tools read every file of a series folder (shared/fuse-notes.md); per-file round trips
+would make a mount many times slower than the zip users download today. Training data loaders
+do not: their workers open one instance after another across many series, and a zip there
+brings a whole series for one slice. So each open is first classified by `pattern.py`, per
+reader (process): LISTED (it just listed this series' folder), WALKING (its last 3 opens were
+of this series) or RANDOM. Then, as the anchors do:
 
-- A series is prefetched when a second distinct instance of it is opened, or at
-  the first open when it has at most `small_series` instances, or at the first
-  open, in parallel with that instance's own fetch, when its folder was listed
-  within `listed_window_s` (cp -r, dcm2niix, ITK, Slicer and find -exec list a
-  folder, then open its files in name order) and it will come as a zip. Such a
-  transfer is tentative: if no second instance of the series is opened within
-  `peek_abandon_s`, it is abandoned (a lone peek: `ls`, then one file), and what
-  it received but had not verified yet is dropped.
+- A series is prefetched at the first open of a LISTED reader when it has at most
+  `small_series` instances, or, when it will come as a zip, at once, in parallel with that
+  instance's own fetch. Such a transfer is tentative: if no second instance of the series is
+  opened within `peek_abandon_s`, it is abandoned (a lone peek: list, then one file), and what
+  it received but had not verified yet is dropped. A LISTED reader's second distinct open,
+  and any WALKING open, start it otherwise. A RANDOM open never starts a transfer (it only
+  keeps one alive that a walker started): it is fetched alone, and a loader gets one fetch per
+  worker at a time, as many at once as it has workers (up to 64 FUSE threads).
 - Most of a series comes as one getImage zip (`zip_min_instances` or more left
   to fetch, and the series no larger than half the cache): one request, DEFLATE
   compressed (35-45 % of raw for CT), streamed and stored entry by entry, each
@@ -30,7 +33,8 @@ slower than the zip users download today. So, as the anchors do:
   name order, starting after the instance just opened. An open of an instance
   not yet fetched never waits in this queue: it downloads at once.
 - A series' prefetch stops when no instance of it was opened for `idle_stop_s`,
-  or when readers move on to more than `max_series` other series.
+  or when readers move on to more than `max_series` other series. What it stored
+  stays; the instances it stored that nobody opened since are counted (`unread()`).
 
 Threads: `connections` single-fetch workers and one thread per zip, started by
 `start()` and stopped by `stop()`. Locking: `_lock` guards `_series`; each
@@ -39,6 +43,7 @@ Threads: `connections` single-fetch workers and one thread per zip, started by
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -54,6 +59,7 @@ from typing import Callable
 from nbiafs.blobcache import InstanceCache
 from nbiafs.dicomhead import sop_instance_uid
 from nbiafs.errors import NbiaError
+from nbiafs.pattern import LISTED, RANDOM, WALKING, AccessPattern
 from nbiafs.sources import InstanceSource, key_of
 from nbiafs.tier import LEASE_RENEW_S, LEASE_STALE_S
 from nbiafs.zipstream import TruncatedZip, iter_entries
@@ -68,7 +74,7 @@ class PrefetchConfig:
     zip_min_instances: int = 10   # use a getImage zip when this many are left (more than 8 connections fetch at once)
     idle_stop_s: float = 10.0     # stop a series nobody opened anything of for this long
     max_series: int = 2           # series prefetched at once; opening a third drops the oldest
-    listed_window_s: float = 10.0  # a first open this soon after its folder was listed starts the zip
+    listed_window_s: float = 10.0  # a first open this soon after its reader listed the folder starts the zip
     peek_abandon_s: float = 3.0   # a zip started by a first open, with no second open this long after
     enabled: bool = True
 
@@ -110,7 +116,9 @@ class Prefetcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._series: dict[str, _SeriesState] = {}
-        self._listed: dict[str, float] = {}  # series folder -> when it was last listed
+        self.pattern = AccessPattern(config.listed_window_s)
+        # Instances the prefetch stored that nobody opened since (bounded; the oldest forgotten).
+        self._unread: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -143,21 +151,34 @@ class Prefetcher:
             t.join(timeout=5)
 
     # ------------------------------------------------------------------ the reader's signal
-    def folder_listed(self, series_uid: str) -> None:
-        """A series folder was listed: a first open soon after is a folder reader's."""
-        now = self._clock()
+    def folder_listed(self, series_uid: str, reader: int = 0) -> None:
+        """`reader` listed a series folder: its first open soon after is a folder reader's."""
+        self.pattern.listed(reader, series_uid, self._clock())
+
+    def note_open(self, series_uid: str, sop_uid: str, reader: int = 0) -> str:
+        """Every open of an instance, first: how its reader reads (pattern.py)."""
+        key = key_of(series_uid, sop_uid)
         with self._lock:
-            self._listed[series_uid] = now
-            if len(self._listed) > 1024:  # keep the recent ones only
-                for uid in [u for u, t in self._listed.items() if now - t > self.config.listed_window_s]:
-                    del self._listed[uid]
+            self._unread.pop(key, None)
+        return self.pattern.opened(reader, series_uid, sop_uid, self._clock())
+
+    def unread(self) -> int:
+        """Instances the prefetch stored that were not opened since."""
+        with self._lock:
+            return len(self._unread)
+
+    def _stored_ahead(self, key: str) -> None:
+        with self._lock:
+            self._unread[key] = None
+            if len(self._unread) > UNREAD_MAX:
+                self._unread.popitem(last=False)
 
     def opening(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
-                series_bytes: int) -> None:
+                series_bytes: int, kind: str) -> None:
         """An open has begun (before its instance is fetched, or waited for). A second one of a
         series makes its tentative zip a followed one at once, even while this open waits for
-        that zip. And if the folder was just listed and the rest will come as one zip, start
-        that zip now, beside this instance's own fetch."""
+        that zip. And if its reader just listed the folder (`kind` LISTED) and the rest will
+        come as one zip, start that zip now, beside this instance's own fetch."""
         if not self.config.enabled or self._stop.is_set():
             return
         now = self._clock()
@@ -165,8 +186,7 @@ class Prefetcher:
             state = self._series.get(series_uid)
             if state is not None and not state.cancelled.is_set():
                 _note_open(state, sop_uid, now, add=False)
-            listed = self._listed.get(series_uid)
-            if listed is None or now - listed > self.config.listed_window_s:
+            if kind != LISTED:
                 return
             if len(sops_in_name_order) - 1 < max(self.config.zip_min_instances, self.config.small_series + 1):
                 return  # small series: prefetched after this open, as before
@@ -197,19 +217,23 @@ class Prefetcher:
                 _note_open(state, sop_uid, now, add=True)
 
     def opened(self, series_uid: str, sop_uid: str, sops_in_name_order: list[str],
-               series_bytes: int) -> None:
-        """An instance is being opened: maybe start prefetching its series (never blocks)."""
+               series_bytes: int, kind: str) -> None:
+        """An instance is being opened: maybe start prefetching its series (never blocks). A
+        RANDOM open starts nothing, and never makes a series a candidate (which would drop
+        another series' prefetch): it only keeps alive a prefetch that a walker started."""
         if not self.config.enabled or self._stop.is_set():
             return
         now = self._clock()
         with self._lock:
             state = self._series.get(series_uid)
             if state is None or state.cancelled.is_set():
+                if kind == RANDOM:
+                    return
                 state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
                 self._drop_oldest(keep=series_uid)
             _note_open(state, sop_uid, now, add=True)
-            start = not state.started and (len(state.opened) >= 2
-                                           or len(state.sops) <= self.config.small_series)
+            start = not state.started and (kind == WALKING or (kind == LISTED and (
+                len(state.opened) >= 2 or len(state.sops) <= self.config.small_series)))
             if start:
                 state.started = True
         if start:  # off the open's path: the reader has its file, the rest is planned beside it
@@ -334,6 +358,7 @@ class Prefetcher:
                 claimed.discard(key)
                 self._on_stored(uid, sop, size)
                 self.stats["tier_instances"] += 1
+                self._stored_ahead(key)
         return deliver
 
     # ------------------------------------------------------------------ single fetches
@@ -356,6 +381,7 @@ class Prefetcher:
                 self._on_stored(state.series_uid, sop, _size(handle))
             if downloaded:
                 self.stats["single_instances"] += 1
+                self._stored_ahead(key)
 
     def _idle(self, state: _SeriesState) -> bool:
         if state.cancelled.is_set():
@@ -478,6 +504,7 @@ class Prefetcher:
                         claimed.discard(key)
                         self._on_stored(uid, sop, size)
                         self.source.sent_by_archive(uid, sop)
+                        self._stored_ahead(key)
                         self.stats["zip_instances"] += 1
                         self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1
         except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: the cache closed meanwhile
@@ -489,6 +516,7 @@ class Prefetcher:
 
 
 MD5_LIST = "md5hashes.csv"
+UNREAD_MAX = 1 << 20  # stored-ahead instances remembered (their keys: about 150 bytes each)
 FOLLOW_POLL_S = 0.25  # how often a node waiting on another's fetch lists the tier (one LIST in-cluster: ms)
 
 

@@ -108,8 +108,10 @@ def render_status(src: StatusSources) -> str:
     queued = src.prefetcher.queued() if src.prefetcher is not None else 0
     zips = src.prefetcher.stats["zips"] if src.prefetcher is not None else 0
     abandoned = src.prefetcher.stats["zips_abandoned"] if src.prefetcher is not None else 0
+    unread = src.prefetcher.unread() if src.prefetcher is not None else 0
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
-                 f"for prefetch, {zips} series zips" + (f" ({abandoned} abandoned)" if abandoned else ""))
+                 f"for prefetch, {zips} series zips" + (f" ({abandoned} abandoned)" if abandoned else "")
+                 + f"; {unread} prefetched, never read")
     if src.tier is not None:
         lines.append(f"shared:     {_tier_line(src.tier)}")
     integrity = _integrity(src)

@@ -15,13 +15,17 @@ request, 1 Gbit/s) and bandwidth-bound (20 ms, 100 Mbit/s), measures:
  (d) warm reads: re-read through the mount (page cache), first read from the
      disk cache (page cache dropped), and the same files on local disk;
  (e) `ls -lR` and `find` of the 50-patient collection, cold and warm;
+and, in the `random` and `random32` profiles, training data loaders: 24 series of 40 x 128 KiB,
+50 ms per request, one 100 Mbit/s link; an index walk of the mount, then 8 (32) worker
+processes opening 40 random instances each, against the same plan done by workers calling
+getSingleImage directly: time, and archive bytes per byte read;
 and once, without shaping:
  (f) the daemon's peak RSS and the cache size after reading 2 GB through a
      500 MB cache with 10,000 series listed (`--spec scale`).
 
 Absolute times drift on shared machines: read the ratios. Usage:
 
-    .venv/bin/python scripts/bench.py [--skip-scale] [--profiles latency,bandwidth]
+    .venv/bin/python scripts/bench.py [--skip-scale] [--profiles latency,bandwidth,random,random32]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -48,6 +53,28 @@ from nbiafs.testing import MountedArchive  # noqa: E402
 
 PROFILES = {"latency": {"latency_s": 0.100, "total_mbit_s": 1000.0},
             "bandwidth": {"latency_s": 0.020, "total_mbit_s": 100.0}}
+RANDOM_PROFILES = {"random": 8, "random32": 32}  # worker processes
+RANDOM_SPEC = "1x24x1x1x40@256"                   # 24 series of 40 x 128 KiB
+RANDOM_SHAPING = {"latency_s": 0.050, "total_mbit_s": 100.0}
+RANDOM_OPENS = 40                                 # instances each worker opens
+# A worker process: read each path (or, direct, each SeriesUID/SOPUID with getSingleImage) in turn.
+WORKER = r"""
+import sys, requests
+url, direct = sys.argv[1], sys.argv[2] == "direct"
+total = 0
+with requests.Session() as http:
+    for line in sys.stdin.read().splitlines():
+        if direct:
+            series, sop = line.split("/")
+            r = http.get(url + "/services/v4/getSingleImage",
+                         params={"SeriesInstanceUID": series, "SOPInstanceUID": sop})
+            r.raise_for_status()
+            total += len(r.content)
+        else:
+            with open(line, "rb") as f:
+                total += len(f.read())
+print(total)
+"""
 TARGETS = """targets: (a) cold cp -r <= 1.1x (zip + extract + round trip), and >= 5x faster than the loop
          when latency-bound; (b) first byte <= 1.2x one request; (c) <= 1.1x zip + dcm2niix;
          (d) page cache >= 50 % of local disk, disk cache >= 20 % of local disk; (e) warm walk 0 requests,
@@ -57,8 +84,8 @@ TARGETS = """targets: (a) cold cp -r <= 1.1x (zip + extract + round trip), and >
 class Server:
     """`nbiafs serve` in its own process, controlled over its /_nbiafs/ endpoints."""
 
-    def __init__(self, spec: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "serve", "--spec", spec, "--port", "0"],
+    def __init__(self, spec: str, *extra: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "serve", "--spec", spec, "--port", "0", *extra],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
@@ -78,8 +105,11 @@ class Server:
         self._post("counters/reset")
 
     def requests(self) -> int:
+        return self.counters()["total"]
+
+    def counters(self) -> dict:
         with urllib.request.urlopen(f"{self.admin}/counters") as r:
-            return json.loads(r.read())["total"]
+            return json.loads(r.read())
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -224,6 +254,50 @@ def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
     return r
 
 
+def random_run(workers: int, work: Path, seed: int = 17) -> dict:
+    """A data loader's epoch: an index walk, then `workers` processes opening random instances
+    (across all series, repeats allowed), against the same plan fetched with getSingleImage."""
+    server = Server(RANDOM_SPEC, "--noise-hu", "20", "--versions", "v4")
+    try:
+        server.shape(**RANDOM_SHAPING)
+        m = MountedArchive(server.url, work / "random-mnt", work / "random-cache", work / "random.log")
+        try:
+            index = sorted(str(p) for p in m.mountpoint.glob("*/*/*/*/*.dcm"))  # the loader's index
+            rng = random.Random(seed)
+            plan = [[rng.choice(index) for _ in range(RANDOM_OPENS)] for _ in range(workers)]
+            server.reset()
+            mount_s, mount_read = _run_workers(server.url, plan, direct=False)
+            mount_bytes = server.counters()["image_bytes"]
+        finally:
+            m.stop()
+        direct_plan = [["/".join(Path(p).parts[-2:])[:-4] for p in worker] for worker in plan]
+        server.reset()
+        direct_s, direct_read = _run_workers(server.url, direct_plan, direct=True)
+        direct_bytes = server.counters()["image_bytes"]
+    finally:
+        server.stop()
+    return {"workers": workers, "opens": workers * RANDOM_OPENS, "mount_s": mount_s, "direct_s": direct_s,
+            "mount_ratio": mount_bytes / mount_read, "direct_ratio": direct_bytes / direct_read}
+
+
+def _run_workers(url: str, plan: list[list[str]], direct: bool) -> tuple[float, int]:
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, "direct" if direct else "mount"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in plan]
+    for proc, items in zip(procs, plan):
+        assert proc.stdin is not None
+        proc.stdin.write("\n".join(items))
+        proc.stdin.close()
+    read = 0
+    for proc in procs:
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        if proc.wait() != 0:
+            raise SystemExit("a worker failed")
+        read += int(out)
+    return time.perf_counter() - start, read
+
+
 def scale_run(work: Path) -> dict:
     """(f): list 10,000 series, read 2.4 GB through a 500 MB cache; peak RSS and cache size."""
     index = load_synthetic("scale")
@@ -262,7 +336,19 @@ def main() -> int:
     ap.add_argument("--profiles", default="latency,bandwidth")
     ap.add_argument("--skip-scale", action="store_true", help="skip (f), which generates 600 MB once")
     args = ap.parse_args()
-    names = [p for p in args.profiles.split(",") if p]
+    asked = [p for p in args.profiles.split(",") if p]
+    unknown = [p for p in asked if p not in PROFILES and p not in RANDOM_PROFILES]
+    if unknown:
+        raise SystemExit(f"unknown profile {unknown[0]!r}: use {', '.join([*PROFILES, *RANDOM_PROFILES])}")
+    names = [p for p in asked if p in PROFILES]
+    randoms = {}
+    for name in (p for p in asked if p in RANDOM_PROFILES):
+        with tempfile.TemporaryDirectory(prefix=f"nbiafs-bench-{name}-") as work:
+            print(f"profile {name}...", file=sys.stderr, flush=True)
+            randoms[name] = random_run(RANDOM_PROFILES[name], Path(work))
+    if not names:
+        report_random(randoms)
+        return 0
     print("preparing the bench archive (generated once)...", file=sys.stderr, flush=True)
     index = load_synthetic("bench")
     big = max(index.iter_series(None), key=lambda s: len(s.instances))
@@ -283,7 +369,21 @@ def main() -> int:
             print("scale run (f)...", file=sys.stderr, flush=True)
             scale = scale_run(Path(work))
     report(results, names, big, scale)
+    report_random(randoms)
     return 0
+
+
+def report_random(randoms: dict) -> None:
+    if not randoms:
+        return
+    print(f"\nrandom access: {RANDOM_SPEC} (24 series of 40 x 128 KiB), "
+          f"{RANDOM_SHAPING['latency_s'] * 1000:g} ms, {RANDOM_SHAPING['total_mbit_s']:g} Mbit/s shared; "
+          f"an index walk, then workers opening {RANDOM_OPENS} random instances each")
+    print(f"{'':10}{'workers':>8}{'mount s':>9}{'direct s':>10}{'mount/direct':>14}"
+          f"{'archive bytes / bytes read: mount':>36}{'direct':>8}")
+    for name, r in randoms.items():
+        print(f"{name:10}{r['workers']:>8}{r['mount_s']:>9.2f}{r['direct_s']:>10.2f}"
+              f"{r['mount_s'] / r['direct_s']:>13.2f}x{r['mount_ratio']:>35.2f}x{r['direct_ratio']:>7.2f}x")
 
 
 def report(results, names, big, scale) -> None:

@@ -16,6 +16,7 @@ from conftest import public_series, series_path
 from nbiafs.api.client import ClientConfig, NbiaClient
 from nbiafs.archive.spec import parse_spec
 from nbiafs.blobcache import InstanceCache
+from nbiafs.pattern import LISTED
 from nbiafs.prefetch import PrefetchConfig, Prefetcher, key_of
 
 pytestmark = pytest.mark.mount
@@ -140,8 +141,8 @@ def test_prefetch_stops_when_readers_leave(nbia_archive_factory, tmp_path):
     prefetcher.start()
     nbia_archive.set_faults(connection_mbit_s=0.2)  # the zip trickles in: 25 kB/s, an entry in 0.6 s
     try:
-        prefetcher.opened(series.uid, sops[0], sops, series.total_size)
-        prefetcher.opened(series.uid, sops[1], sops, series.total_size)
+        prefetcher.opened(series.uid, sops[0], sops, series.total_size, LISTED)  # a folder reader
+        prefetcher.opened(series.uid, sops[1], sops, series.total_size, LISTED)
         deadline = time.monotonic() + 20
         while not list((tmp_path / "cache" / "partial").glob("*.held")) and time.monotonic() < deadline:
             time.sleep(0.05)
