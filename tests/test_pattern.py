@@ -164,6 +164,15 @@ def test_loader_workers_get_single_fetches_while_a_folder_reader_gets_its_zip(nb
     assert not counts["endpoints"].get("getImage")  # no series zip for random opens
     assert set(counts["instances"]) == {os.path.basename(p)[:-4] for plan in plans for p in plan}
     assert max(counts["instances"].values()) == 1  # each fetched once, repeats from the cache
+    # A second epoch, in another order: no request at all.
+    nbia_archive.reset_counters()
+    again = [random.Random(n).sample(plan, len(plan)) for n, plan in enumerate(plans)]
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, text=True) for _ in again]
+    for proc, plan in zip(workers, again):
+        proc.stdin.write("\n".join(plan))
+        proc.stdin.close()
+    assert all(proc.wait(timeout=120) == 0 for proc in workers)
+    assert nbia_archive.counters()["total"] == 0
     # A folder reader, meanwhile: its series comes as one zip.
     big = max(every, key=lambda s: len(s.instances))
     folder = m.path(series_path(big))

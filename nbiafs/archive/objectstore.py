@@ -127,6 +127,12 @@ class LocalObjectStore:
                 except Exception:  # noqa: BLE001 - not there yet
                     s3.create_bucket(Bucket=self.bucket)
                 s3.put_object(Bucket=self.bucket, Key=".ready", Body=b"")
+                # Restarted with data: ready once what it held reads back (its volume server
+                # rejoins the master some time after the gateway answers).
+                held = [o["Key"] for o in s3.list_objects_v2(Bucket=self.bucket, MaxKeys=2).get("Contents", [])
+                        if o["Key"] != ".ready"]
+                if held:
+                    s3.get_object(Bucket=self.bucket, Key=held[0])["Body"].read()
                 return
             except Exception as exc:  # noqa: BLE001 - the store is still starting
                 last = str(exc)
