@@ -354,7 +354,12 @@ class Prefetcher:
         def deliver(sop: str, path: str) -> None:
             key = key_of(uid, sop)
             size = os.path.getsize(path)
-            if key in self.cache.deliver_many([(key, path)]):
+            try:
+                stored = self.cache.deliver_many([(key, path)])
+            except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: unmounting, the cache closed
+                log.warning("series %s: an instance from the shared cache could not be stored (%s)", uid, exc)
+                return
+            if key in stored:
                 claimed.discard(key)
                 self._on_stored(uid, sop, size)
                 self.stats["tier_instances"] += 1
