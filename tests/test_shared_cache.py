@@ -244,7 +244,7 @@ def test_tier_killed_mid_read_then_back(nbia_archive, mount_factory, tmp_path, p
         # Back: found by the probe, used again.
         store.start()
         deadline = time.monotonic() + 30
-        while "is back" not in reader.log():
+        while "is back after" not in reader.log():
             assert time.monotonic() < deadline, reader.log()
             time.sleep(0.2)
         hits = shared_counts(reader)["instances read"]
@@ -252,7 +252,7 @@ def test_tier_killed_mid_read_then_back(nbia_archive, mount_factory, tmp_path, p
         s = every[0]
         assert read_series(fresh, s, "md5sum") == expected(s)
         assert shared_counts(fresh)["instances read"] == len(s.instances)
-        assert reader.log().count("is not answering") == 1 and reader.log().count("is back") == 1
+        assert reader.log().count("is not answering") == 1 and reader.log().count("is back after") == 1
         assert hits >= killed_at
     finally:
         store.stop()
