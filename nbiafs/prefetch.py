@@ -190,10 +190,7 @@ class Prefetcher:
                 return
             if len(sops_in_name_order) - 1 < max(self.config.zip_min_instances, self.config.small_series + 1):
                 return  # small series: prefetched after this open, as before
-            state = self._series.get(series_uid)
-            if state is None or state.cancelled.is_set():
-                state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
-                self._drop_oldest(keep=series_uid)
+            state = self._live_state(series_uid, sops_in_name_order)
             if state.started:
                 return
         if self.cache.contains(key_of(series_uid, sop_uid)):
@@ -226,11 +223,9 @@ class Prefetcher:
         now = self._clock()
         with self._lock:
             state = self._series.get(series_uid)
-            if state is None or state.cancelled.is_set():
-                if kind == RANDOM:
-                    return
-                state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
-                self._drop_oldest(keep=series_uid)
+            if (state is None or state.cancelled.is_set()) and kind == RANDOM:
+                return
+            state = self._live_state(series_uid, sops_in_name_order)
             _note_open(state, sop_uid, now, add=True)
             start = not state.started and (kind == WALKING or (kind == LISTED and (
                 len(state.opened) >= 2 or len(state.sops) <= self.config.small_series)))
@@ -239,6 +234,15 @@ class Prefetcher:
         if start:  # off the open's path: the reader has its file, the rest is planned beside it
             threading.Thread(target=self._start, args=(state, sop_uid, series_bytes), name="nbia-prefetch-plan",
                              daemon=True).start()
+
+    def _live_state(self, series_uid: str, sops_in_name_order: list[str]) -> _SeriesState:
+        """The series' prefetch state, made anew if it has none or a cancelled one (which may
+        stop the oldest other series'). Under `_lock`."""
+        state = self._series.get(series_uid)
+        if state is None or state.cancelled.is_set():
+            state = self._series[series_uid] = _SeriesState(series_uid, sops_in_name_order)
+            self._drop_oldest(keep=series_uid)
+        return state
 
     def _drop_oldest(self, keep: str) -> None:
         live = [s for s in self._series.values() if not s.cancelled.is_set()]
@@ -329,9 +333,7 @@ class Prefetcher:
                 held = tier.listing(uid)
                 ready = [s for s in waiting if s in held]
                 if ready:
-                    left = set(tier.get_many(uid, ready, self.cache.held_file, self._tier_deliver(uid, claimed),
-                                             lambda sop: self.source.exact_size(uid, sop),
-                                             lambda: self._stop.is_set() or self._idle(state)))
+                    left = set(self._get_from_tier(tier, state, ready, claimed))
                     self.stats["followed_instances"] += len(ready) - len(left)
                     waiting = [s for s in waiting if s not in ready or s in left]
                     if len(left) < len(ready):
@@ -349,6 +351,13 @@ class Prefetcher:
         for key in claimed - waiting_keys:
             self.cache.release(key)
         self._from_archive(state, waiting, claimed & waiting_keys, series_bytes)
+
+    def _get_from_tier(self, tier, state: _SeriesState, sops: list[str], claimed: set[str]) -> list[str]:
+        """`sops` from the tier, each stored as it lands; returns those it did not give."""
+        uid = state.series_uid
+        return tier.get_many(uid, sops, self.cache.held_file, self._tier_deliver(uid, claimed),
+                             lambda sop: self.source.exact_size(uid, sop),
+                             lambda: self._stop.is_set() or self._idle(state))
 
     def _tier_deliver(self, uid: str, claimed: set[str]) -> Callable[[str, str], None]:
         def deliver(sop: str, path: str) -> None:
@@ -413,9 +422,7 @@ class Prefetcher:
         left = list(sops)
         try:
             if tier is not None:
-                left = tier.get_many(uid, sops, self.cache.held_file, self._tier_deliver(uid, claimed),
-                                     lambda sop: self.source.exact_size(uid, sop),
-                                     lambda: self._stop.is_set() or self._idle(state))
+                left = self._get_from_tier(tier, state, sops, claimed)
         except Exception:  # never leave instances claimed: their opens would wait forever
             log.exception("series %s: reading it from the shared cache failed", uid)
         finally:

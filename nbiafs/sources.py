@@ -12,7 +12,6 @@ never on the open's path.
 from __future__ import annotations
 
 import functools
-import threading
 from typing import BinaryIO, Callable
 
 from nbiafs.blobcache import InstanceCache
@@ -25,28 +24,22 @@ def key_of(series_uid: str, sop_uid: str) -> str:
 
 
 class InstanceSource:
-    """Locking: `_lock` guards `stats`."""
-
     def __init__(self, client, cache: InstanceCache, tier: SharedTier | None = None,
                  exact_size: Callable[[str, str], int | None] = lambda series_uid, sop_uid: None):
         self.client = client
         self.cache = cache
         self.tier = tier
         self._exact_size = exact_size
-        self._lock = threading.Lock()
-        self.stats = {"from_tier": 0, "from_archive": 0}
 
     def fetch(self, series_uid: str, sop_uid: str, dest: BinaryIO) -> int:
         """Write one instance into `dest` (an empty temporary file); return its size."""
         if self.tier is not None:
             size = self.tier.get(series_uid, sop_uid, dest, self.exact_size(series_uid, sop_uid))
             if size is not None:
-                self._count("from_tier")
                 return size
             dest.seek(0)
             dest.truncate()
         size = self.client.get_single_image(series_uid, sop_uid, dest)
-        self._count("from_archive")
         self.sent_by_archive(series_uid, sop_uid)
         return size
 
@@ -57,7 +50,3 @@ class InstanceSource:
         """The archive sent this instance (now in the local cache, or about to be): share it."""
         if self.tier is not None:
             self.tier.put_later(series_uid, sop_uid, functools.partial(self.cache.peek, key_of(series_uid, sop_uid)))
-
-    def _count(self, what: str) -> None:
-        with self._lock:
-            self.stats[what] += 1

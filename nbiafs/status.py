@@ -162,17 +162,11 @@ class TierRecord:
         record: dict = {k: self._earlier.get(k, 0) + int(now.get(k, 0)) for k in TIER_COUNTERS}
         record.update(url=self._url, updated=time.time())
         with contextlib.suppress(OSError):
-            tmp = self._path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self._path)
+            _write_record(self._path, record)
 
 
 def read_tier_record(scope: Path) -> dict:
-    try:
-        record = json.loads((scope / TIER_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return _read_record(scope / TIER_FILE)
 
 
 def _integrity(src: StatusSources) -> str | None:
@@ -204,19 +198,29 @@ def _user(src: StatusSources) -> str:
 
 
 # --------------------------------------------------------------------------- scopes
+def _write_record(path: Path, record: dict) -> None:
+    """A small JSON file, replaced whole (a reader never sees half of it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def _read_record(path: Path) -> dict:
+    """What `_write_record` wrote ({} if nothing readable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def write_scope_record(scope: Path, root_url: str, api: str, user: str | None) -> None:
-    tmp = scope / (SCOPE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"url": root_url, "api": api, "user": user}))
-    os.replace(tmp, scope / SCOPE_FILE)
+    _write_record(scope / SCOPE_FILE, {"url": root_url, "api": api, "user": user})
 
 
 def read_scope_record(scope: Path) -> dict:
     """What `write_scope_record` wrote ({} if nothing readable)."""
-    try:
-        record = json.loads((scope / SCOPE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return _read_record(scope / SCOPE_FILE)
 
 
 @contextlib.contextmanager
