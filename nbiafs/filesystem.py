@@ -2,9 +2,9 @@
 
 Read-only: directories 0555, files 0444, owned by the mounting user. Sizes and
 times are documented in docs/SEMANTICS.md. `open()` of an instance downloads it
-(through the instance cache) before returning and records its exact size, so the
-kernel, which re-reads attributes after open (attr_timeout=0), never sees an
-estimate for a file being read.
+(through the instance cache) before returning, records its exact size and has the
+kernel forget the estimate it was told, so a reader's fstat and reads after open
+never see an estimate.
 
 Errors are `NbiaError`s carrying their errno; the FUSE adapter maps them.
 """
@@ -79,6 +79,8 @@ class KernelCache(Protocol):
 
     def busy(self) -> bool: ...
 
+    def unconfirmed(self, path: str) -> bool: ...
+
     def wait(self, done: threading.Event) -> None: ...
 
 
@@ -89,6 +91,9 @@ class _NoKernelCache:
         return None
 
     def busy(self) -> bool:
+        return False
+
+    def unconfirmed(self, path: str) -> bool:
         return False
 
     def wait(self, done: threading.Event) -> None:
@@ -166,6 +171,12 @@ class NbiaFilesystem:
         return attrs
 
     @staticmethod
+    def entry(node: Node) -> dict:
+        """What a directory listing says of `node`."""
+        mode = stat.S_IFDIR | 0o555 if node.is_dir else stat.S_IFREG | 0o444
+        return {"st_ino": inode(node.path), "st_mode": mode}
+
+    @staticmethod
     def _mtime(node: Node) -> float:
         stamp = archive_time(node.stamp)
         return stamp if stamp is not None else UNDATED_MTIME
@@ -178,7 +189,9 @@ class NbiaFilesystem:
         node = self.catalog.resolve(path)
         if not node.is_dir:
             raise NbiaError(f"{path}: not a directory")
-        entries = [(name, self.attributes(child)) for name, child in self.catalog.children(node).items()]
+        # Names, modes and inode numbers only: the binding hands the kernel nothing else from a
+        # listing (no READDIRPLUS attributes), so no size is told, and none need be worked out.
+        entries = [(name, self.entry(child)) for name, child in self.catalog.children(node).items()]
         self.catalog.listed(node)
         if node.kind == SERIES and self.prefetcher is not None:
             self.prefetcher.folder_listed(node.series_uid, self.prefetcher.pattern.reader_of(tid))
@@ -218,7 +231,7 @@ class NbiaFilesystem:
                 handle.fileno()).st_size:
             # The hot path of re-reads: cached, its exact size told; one open(2), no lookups.
             # Still waits for invalidations queued before it (an eviction's refetch, the prefetch).
-            self._invalidate_estimates(node.series_uid, wait=True)
+            self._invalidate_estimates(node.series_uid, wait=True, opening=node.path)
             if self.prefetcher is not None:
                 self.prefetcher.opening_cached(node.series_uid, node.sop_uid)
             return handle
@@ -230,7 +243,8 @@ class NbiaFilesystem:
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.source.fetch(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
-        self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size, wait=True)
+        self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size, wait=True,
+                               opening=node.path)
         if self.prefetcher is not None:
             # Told after this instance is here, so its download never shares the link with
             # the rest of its series: the file being opened comes first.
@@ -258,18 +272,24 @@ class NbiaFilesystem:
         self._invalidate_estimates(node.series_uid, wait=True)
         return handle
 
-    def record_exact_size(self, series_uid: str, sop_uid: str, size: int, wait: bool = False) -> None:
+    def record_exact_size(self, series_uid: str, sop_uid: str, size: int, wait: bool = False,
+                          opening: str | None = None) -> None:
         """An instance's exact size is known (opened, or stored by the prefetch): remember it, and
         have the kernel forget the estimates of its series it cached (`wait`: before returning,
         as an open must, so its reader's fstat and reads see the exact size)."""
         self.catalog.record_exact_size(series_uid, sop_uid, size)
-        self._invalidate_estimates(series_uid, wait)
+        self._invalidate_estimates(series_uid, wait, opening)
 
-    def _invalidate_estimates(self, series_uid: str, wait: bool) -> None:
+    def _invalidate_estimates(self, series_uid: str, wait: bool, opening: str | None = None) -> None:
         """Queued under the lock, so that an open that finds nothing left to invalidate still
-        waits for what another thread queued before it (its reader may be reading that path)."""
+        waits for what another thread queued before it (its reader may be reading that path).
+        `opening`: the path being opened, invalidated again if an invalidation of it came while
+        the kernel did not know it (`KernelCache.unconfirmed`): an estimate may have reached it
+        since, and at an open the kernel surely knows the path."""
         with self._handles_lock:
             paths = self._estimated.pop(series_uid, None)
+            if opening is not None and self.kernel.unconfirmed(opening):
+                paths = (paths or set()) | {opening}
             if paths:
                 done = self.kernel.submit(paths)
             elif wait and self.kernel.busy():

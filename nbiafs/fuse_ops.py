@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import heapq
 import io
 import logging
 import os
@@ -108,18 +109,33 @@ class KernelInvalidator:
     """Tells the kernel that paths' attributes changed (libfuse3's fuse_invalidate_path), in
     order, from its own thread: the kernel must not be asked from a thread that is answering a
     request on the same inode. `submit` queues and returns an event set once done; `busy` says
-    whether anything queued is not done yet (then a barrier, `submit(())`, waits for it)."""
+    whether anything queued is not done yet (then a barrier, `submit(())`, waits for it).
 
-    def __init__(self):
+    An invalidation the kernel answers with ENOENT did nothing: it had no inode for the path.
+    Either it had forgotten the path, or the reply that gives it the inode (with the estimate
+    being invalidated) was still on its way: sent by another thread, not yet read by the kernel,
+    which then keeps the estimate for the attribute timeout. Such a path stays *unconfirmed*:
+    it is invalidated again `RETRY_AFTER_S` later, and by any open of it (`unconfirmed`), when
+    the kernel surely has its inode."""
+
+    RETRY_AFTER_S = (0.05, 0.5, 5.0)
+    MAX_UNCONFIRMED = 65536
+
+    def __init__(self, invalidate=None):
         self._fuse: int | None = None
+        self._invalidate = invalidate  # (path bytes) -> 0 or -errno; libfuse's by default
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pending = 0
         self._lock = threading.Lock()
+        self._unconfirmed: dict[str, int] = {}  # path -> retries done (insertion order: oldest first)
+        self._retries: list[tuple[float, str]] = []  # (when, path), a heap
 
     def start(self, fuse_handle: int | None) -> None:
         self._fuse = fuse_handle
-        if fuse_handle and self._thread is None:
+        if self._invalidate is None and fuse_handle:
+            self._invalidate = functools.partial(_libfuse.fuse_invalidate_path, fuse_handle)
+        if self._invalidate is not None and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="nbia-invalidate", daemon=True)
             self._thread.start()
 
@@ -142,23 +158,61 @@ class KernelInvalidator:
     def busy(self) -> bool:
         return self._pending > 0
 
+    def unconfirmed(self, path: str) -> bool:
+        """Whether the kernel may still hold an attribute of `path` that was invalidated while
+        it did not know the path (see the class)."""
+        with self._lock:
+            return path in self._unconfirmed
+
     def wait(self, done: threading.Event) -> None:
         if not done.wait(INVALIDATE_WAIT_S):
             log.warning("the kernel did not take an invalidation within %.0f s", INVALIDATE_WAIT_S)
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            timeout = None
+            with self._lock:
+                if self._retries:
+                    timeout = max(0.0, self._retries[0][0] - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._retry_due()
+                continue
             if item is None:
                 return
             paths, event = item
             for path in paths:
-                if self._fuse:
-                    # -ENOENT: the kernel does not know the path (nothing cached): fine.
-                    _libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape"))
+                self._tell(path, retried=False)
             with self._lock:
                 self._pending -= 1
             event.set()
+            self._retry_due()
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._retries or self._retries[0][0] > now:
+                    return
+                _, path = heapq.heappop(self._retries)
+                if path not in self._unconfirmed:
+                    continue  # confirmed meanwhile (an open)
+            self._tell(path, retried=True)
+
+    def _tell(self, path: str, retried: bool) -> None:
+        assert self._invalidate is not None
+        result = self._invalidate(path.encode("utf-8", "surrogateescape"))
+        with self._lock:
+            if result != -errno.ENOENT:  # done (0), or an error no retry would mend
+                self._unconfirmed.pop(path, None)
+                return
+            done = self._unconfirmed.pop(path, -1) + 1 if retried else 0
+            self._unconfirmed[path] = done
+            if done < len(self.RETRY_AFTER_S):
+                heapq.heappush(self._retries, (time.monotonic() + self.RETRY_AFTER_S[done], path))
+            while len(self._unconfirmed) > self.MAX_UNCONFIRMED:  # forgotten by the kernel, mostly
+                self._unconfirmed.pop(next(iter(self._unconfirmed)))
 
 
 class FuseOperations(Operations):

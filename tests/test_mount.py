@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -178,6 +180,47 @@ def test_size_race_over_never_fetched_instances(mount_factory, nbia_archive_serv
         if not (ok and size_ok and bytes_ok):
             mismatches.append((reader, n, ok, size_ok, bytes_ok, len(truth), os.stat(path).st_size))
     assert mismatches == []
+
+
+def test_an_exact_size_learnt_while_the_kernel_is_told_the_estimate(nbia_archive_server, tmp_path):
+    """The prefetch stores an instance while a lookup of it is answering with its estimate: the
+    invalidation reaches a kernel that does not know the path yet (ENOENT), and the estimate
+    arrives after it. An open must still see the exact size and every byte; a stat, a moment
+    later. (tests/kernel_race_driver.py makes the race certain; the rest is the real daemon.)"""
+    def truncating(series):  # an instance whose estimate is smaller than the file
+        base = sum(i.path.stat().st_size for i in series.instances) // len(series.instances)
+        return next(i for i in series.instances if i.path.stat().st_size >= base + 2)
+    opened_series, stated_series = [s for s in public_series(nbia_archive_server) if len(s.instances) > 2][:2]
+    opened, stated = truncating(opened_series), truncating(stated_series)
+    rel = {"opened": f"/{series_path(opened_series)}/{opened.sop_uid}.dcm",
+           "stated": f"/{series_path(stated_series)}/{stated.sop_uid}.dcm"}
+    truth = {"opened": opened.path.read_bytes(), "stated": stated.path.read_bytes()}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    exact = {rel[k]: len(truth[k]) for k in rel}
+    driver = os.path.join(os.path.dirname(__file__), "kernel_race_driver.py")
+    with open(tmp_path / "daemon.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, driver, json.dumps(exact), str(mnt), "--foreground",
+                                 "--url", nbia_archive_server.url, "--cache-dir", str(tmp_path / "cache"),
+                                 "--no-prefetch", "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.05)
+        told = {k: os.stat(f"{mnt}{rel[k]}").st_size for k in rel}  # the raced lookups
+        assert all(told[k] < len(truth[k]) for k in rel), told  # the kernel was told the estimate
+        with open(f"{mnt}{rel['opened']}", "rb") as f:
+            assert os.fstat(f.fileno()).st_size == len(truth["opened"])
+            assert f.read() == truth["opened"]
+        deadline = time.monotonic() + 10
+        while os.stat(f"{mnt}{rel['stated']}").st_size != len(truth["stated"]):
+            assert time.monotonic() < deadline, "the kernel kept the estimate"
+            time.sleep(0.05)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        proc.wait(timeout=30)
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
 
 
 # --------------------------------------------------------------------------- errors
