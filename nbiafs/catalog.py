@@ -31,8 +31,9 @@ import cachetools
 from nbiafs import naming
 from nbiafs.api import models
 from nbiafs.api.client import NbiaClient
-from nbiafs.errors import NbiaError, NotFound
+from nbiafs.errors import NotFound
 from nbiafs.metastore import MetadataStore
+from nbiafs.walk import PATIENT_FOLDERS, SERIES_FOLDERS, STUDY_FOLDERS, ListingQueue, Plan, WalkPlanner
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,13 @@ NODE_TTL_S = 30.0
 EXACT_FLUSH_S = 1.0              # exact sizes of a series reach the disk at most this often
 EXACT_SERIES_IN_MEMORY = 16384   # series whose exact sizes are held in memory
 # Studies and series of a collection with at most this many patients are asked in one request
-# each (LIDC-IDRI: 1,010 patients, 1,308 series); larger ones (NLST: 26,254) patient by patient.
-COLLECTION_WIDE_MAX_PATIENTS = 2000
-WALK_CONNECTIONS = 8  # listings fetched at once when a tree walk is evident
+# each, whatever is listed first (see docs/SEMANTICS.md, "Walks"); larger ones (NLST: 26,254)
+# patient by patient.
+COLLECTION_WIDE_MAX_PATIENTS = 10_000
+# Listings fetched at once ahead of a walk: with the prefetch's 8 transfers, within the HTTP
+# client's pool of 16 connections, and near TCIA's own client (10 threads).
+WALK_CONNECTIONS = 8
+MEMO_ENTRIES = 8192   # derived views of listings (entries by name, rows by patient) kept
 NAME_STYLES = ("uid", "readable")  # --names: study and series folders by UID, or readable
 
 
@@ -128,15 +133,16 @@ class Catalog:
         self.readable = names == "readable"
         self.previews = previews
         self.negative_ttl_s = negative_ttl_s
-        self._lock = threading.Lock()  # guards _memo, _nodes, _walks, _pool and the exact-size fields
-        self._memo: dict[str, tuple] = {}
+        self._lock = threading.Lock()  # guards _memo, _nodes, _writer and the exact-size fields
+        self._memo: cachetools.LRUCache = cachetools.LRUCache(maxsize=MEMO_ENTRIES)
         self._exact_versions: dict[str, int] = {}
         self._nodes: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
         self._exact: dict[str, dict[str, int]] = {}  # series -> sop -> exact size
         self._dirty: set[str] = set()                # series whose exact sizes are not on disk yet
         self._flushed_at: dict[str, float] = {}
-        self._walks: dict[tuple[str, str], list] = {}  # (level, collection) -> [started, listed]
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.planner = WalkPlanner()
+        self.ahead = ListingQueue(WALK_CONNECTIONS)
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ listings (one request each)
     def collections(self, max_age_s=None) -> list[str]:
@@ -330,14 +336,14 @@ class Catalog:
         return out
 
     def _memoised(self, key: str, value, derive: Callable):
+        """`derive(value)`, worked out once per value (kept while `value` is the listing's
+        current object, `MEMO_ENTRIES` of them, least recently used forgotten first)."""
         with self._lock:
             memo = self._memo.get(key)
         if memo is not None and memo[0] is value:
             return memo[1]
         derived = derive(value)
         with self._lock:
-            if len(self._memo) > 8192:
-                self._memo.clear()
             self._memo[key] = (value, derived)
         return derived
 
@@ -382,63 +388,64 @@ class Catalog:
 
     # ------------------------------------------------------------------ walks
     def listed(self, node: Node) -> None:
-        """A directory was listed. When a walk is evident (a second sibling of its level in the
-        same collection was listed), list the rest of that level in the background,
-        `WALK_CONNECTIONS` requests at a time, so the walk finds them cached."""
-        if node.kind == SERIES:
-            level = "series"
-        elif node.kind == PATIENT and not self.collection_wide(node.collection):
-            level = "patients"
-        else:
+        """A directory was listed: tell the walk planner (`nbiafs.walk`) and queue the listings
+        it plans, patient by patient, in the order the walk will want them."""
+        if node.kind not in (PATIENT, STUDY, SERIES):
             return
-        key = (level, node.collection)
-        now = time.monotonic()
+        pids, index = self._patient_order(node.collection)
+        patient = index.get(node.patient_id)
+        if patient is None:
+            return
+        depth = {PATIENT: PATIENT_FOLDERS, STUDY: STUDY_FOLDERS, SERIES: SERIES_FOLDERS}[node.kind]
+        plan = self.planner.listed(node.collection, patient, len(pids), depth,
+                                   node.series_uid if node.kind == SERIES else None)
+        if plan is not None:
+            log.debug("walk of %s: listing patients %d-%d of %d ahead", node.collection, plan.patients.start,
+                      plan.patients.stop - 1, len(pids))
+            for i in plan.patients:
+                self._plan_patient(plan, i, pids[i])
+
+    def _patient_order(self, collection: str) -> tuple[list[str], dict[str, int]]:
+        """The collection's listed patients in name order (a walk's order), and their indexes."""
+        node = ROOT_NODE.child(COLLECTION, naming.escape(collection), {"Collection": collection},
+                               collection=collection)
+        entries = self.children(node)
+        return self._memoised(f"order\0{collection}", entries, lambda e: (
+            [n.patient_id for n in e.values()], {n.patient_id: i for i, n in enumerate(e.values())}))
+
+    def _plan_patient(self, plan: Plan, i: int, pid: str) -> None:
+        collection = plan.collection
+
+        def wanted() -> bool:
+            return self.planner.current(collection, plan.generation)
+        self.ahead.submit((i, 0, 0), ("studies", collection, pid), lambda: self.studies(collection, pid), wanted)
+        if plan.depth >= STUDY_FOLDERS:
+            then = (lambda: self._plan_series(i, collection, pid, wanted)) if plan.depth >= SERIES_FOLDERS else (
+                lambda: self.patient_series(collection, pid))
+            self.ahead.submit((i, 0, 1), ("series", collection, pid, plan.depth), then, wanted)
+
+    def _plan_series(self, i: int, collection: str, pid: str, wanted: Callable[[], bool]) -> None:
+        """The patient's series listed (asked, or cut from the collection's): queue their SOP
+        listings, in the order the walk visits them."""
+        rows = [r for r in self.patient_series(collection, pid) if self.selection.series_ok(r)]
+        rows.sort(key=lambda r: (str(r.get("StudyInstanceUID")), str(r.get("SeriesInstanceUID"))))
+        for k, row in enumerate(rows):
+            uid = row.get("SeriesInstanceUID")
+            if uid:
+                self.ahead.submit((i, 1, k), ("instances", uid), functools.partial(self.instances, uid), wanted)
+
+    def _background(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
-            walk = self._walks.setdefault(key, [0.0, set()])
-            if now - walk[0] < self.store.ttl_s:
-                return  # already walked
-            walk[1].add(node.path)
-            if len(walk[1]) < 2:
-                return
-            self._walks[key] = [now, set()]
-        if level == "series":
-            if self.collection_wide(node.collection):  # every series of the collection is known
-                rows = self.store.get(self._patient_key("series", node.collection, node.patient_id), [])
-            else:
-                rows = self.patient_series(node.collection, node.patient_id)
-            jobs: list[tuple[Callable[[Any], Any], Any]] = [
-                (self.instances, r["SeriesInstanceUID"]) for r in rows if r.get("SeriesInstanceUID")]
-        else:
-            jobs = [(self._patient_listings, (node.collection, pid)) for pid in
-                    (models.as_str(p.get("PatientId", p.get("PatientID"))) for p in self.patients(node.collection))
-                    if pid]
-        log.debug("walk of %s evident: listing %d %s in the background", node.collection, len(jobs), level)
-        pool = self._walk_pool()
-        for fn, arg in jobs:
-            pool.submit(self._quietly, fn, arg)
-
-    def _patient_listings(self, ids: tuple[str, str]) -> None:
-        self.studies(*ids)
-        self.patient_series(*ids)
-
-    @staticmethod
-    def _quietly(fn, arg) -> None:
-        try:
-            fn(arg)
-        except NbiaError as exc:  # the walk itself will ask again and report
-            log.debug("background listing failed: %s", exc)
-
-    def _walk_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:  # created on first use: after the daemon has forked
-                self._pool = concurrent.futures.ThreadPoolExecutor(WALK_CONNECTIONS, "nbia-walk")
-            return self._pool
+            if self._writer is None:  # created on first use: after the daemon has forked
+                self._writer = concurrent.futures.ThreadPoolExecutor(1, "nbia-meta-write")
+            return self._writer
 
     def close(self) -> None:
+        self.ahead.close()
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True, cancel_futures=True)
         self.flush()
 
     # ------------------------------------------------------------------ sizes
@@ -494,7 +501,7 @@ class Catalog:
             due = time.monotonic() - self._flushed_at.get(series_uid, 0.0) >= EXACT_FLUSH_S
         if due:  # written by a background thread: not on the open's path
             try:
-                self._walk_pool().submit(self._persist, series_uid)
+                self._background().submit(self._persist, series_uid)
             except RuntimeError:  # closing: flush() writes it
                 pass
 

@@ -10,8 +10,9 @@ unreachable). Concurrent lookups of one key cause one fetch (single flight).
 Facts that never change (the exact size of a fetched instance) use
 `put`/`get` and never expire.
 
-Locking: `_lock` guards `_memory` (cachetools caches are not thread-safe); a
-striped flight lock (re-entrant) serialises fetches of one key. The diskcache
+Locking: `_lock` guards `_memory` (cachetools caches are not thread-safe) and the flights; a
+flight lock per key being fetched (re-entrant) serialises fetches of that key and of no other,
+so a listing never waits behind the fetch of another. The diskcache
 store runs on a thread of its own (nbiafs.sqlthread): one SQLite connection, whatever the
 calling threads.
 """
@@ -31,10 +32,6 @@ from nbiafs.sqlthread import OneThreadCache
 
 log = logging.getLogger(__name__)
 
-# Fetches are serialised per stripe of keys: bounded memory, and no two fetches of one key.
-_FLIGHT_STRIPES = 64
-
-
 def _records(entry) -> int:
     value = entry[1]
     return 1 + (len(value) if isinstance(value, (list, dict)) else 0)
@@ -51,7 +48,7 @@ class MetadataStore:
         self._memory: cachetools.LRUCache = cachetools.LRUCache(maxsize=memory_records,
                                                                 getsizeof=_records)
         self._lock = threading.Lock()
-        self._flights = [threading.RLock() for _ in range(_FLIGHT_STRIPES)]
+        self._flights: dict[str, list] = {}  # key -> [lock, holders and waiters]
 
     def close(self) -> None:
         self._disk.close()
@@ -63,21 +60,25 @@ class MetadataStore:
         entry = self._fresh(key, max_age_s)
         if entry is not None:
             return entry[1]
-        with self._flight(key):
-            entry = self._fresh(key, max_age_s)  # fetched by another thread meanwhile
-            if entry is not None:
-                return entry[1]
-            try:
-                value = fetch()
-            except (ArchiveUnavailable, IntegrityError) as exc:
-                stale = self._entry(key)
-                if stale is None:
-                    raise
-                log.warning("archive unreachable (%s); serving the listing cached %.0f s ago",
-                            exc, self._clock() - stale[0])
-                return stale[1]
-            self._store(key, (self._clock(), value))
-            return value
+        flight = self._join_flight(key)
+        try:
+            with flight[0]:
+                entry = self._fresh(key, max_age_s)  # fetched by another thread meanwhile
+                if entry is not None:
+                    return entry[1]
+                try:
+                    value = fetch()
+                except (ArchiveUnavailable, IntegrityError) as exc:
+                    stale = self._entry(key)
+                    if stale is None:
+                        raise
+                    log.warning("archive unreachable (%s); serving the listing cached %.0f s ago",
+                                exc, self._clock() - stale[0])
+                    return stale[1]
+                self._store(key, (self._clock(), value))
+                return value
+        finally:
+            self._leave_flight(key, flight)
 
     def age_s(self, key: str) -> float | None:
         entry = self._entry(key)
@@ -104,8 +105,19 @@ class MetadataStore:
             self._memory[key] = entry
         self._disk.set(key, entry)
 
-    def _flight(self, key: str) -> threading.RLock:
-        return self._flights[hash(key) % _FLIGHT_STRIPES]
+    def _join_flight(self, key: str) -> list:
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = [threading.RLock(), 0]
+            flight[1] += 1
+            return flight
+
+    def _leave_flight(self, key: str, flight: list) -> None:
+        with self._lock:
+            flight[1] -= 1
+            if flight[1] == 0:
+                del self._flights[key]
 
     # ------------------------------------------------------------------ facts
     def get(self, key: str, default=None):

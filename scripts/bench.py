@@ -19,13 +19,19 @@ and, in the `random` and `random32` profiles, training data loaders: 24 series o
 50 ms per request, one 100 Mbit/s link; an index walk of the mount, then 8 (32) worker
 processes opening 40 random instances each, against the same plan done by workers calling
 getSingleImage directly: time, and archive bytes per byte read;
+in the `walk` profile, a first walk of wide collections: a cold `find COLLECTION -name '*.dcm'`
+on a fresh mount over 2,500 and 5,000 patients (one study, one series, one instance each), 20 ms
+per request, against its floor ((series / WALK_CONNECTIONS + 3) round trips: every series costs
+one getSOPInstanceUIDs), the growth from one size to the other, and a warm `find` beside `find`
+over the same tree on local disk; and the daemon's peak RSS after `ls -l` of an NLST-wide
+collection (26,254 patients);
 and once, without shaping:
  (f) the daemon's peak RSS and the cache size after reading 2 GB through a
      500 MB cache with 10,000 series listed (`--spec scale`).
 
 Absolute times drift on shared machines: read the ratios. Usage:
 
-    .venv/bin/python scripts/bench.py [--skip-scale] [--profiles latency,bandwidth,random,random32]
+    .venv/bin/python scripts/bench.py [--skip-scale] [--profiles latency,bandwidth,random,random32,walk]
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ RANDOM_PROFILES = {"random": 8, "random32": 32}  # worker processes
 RANDOM_SPEC = "1x24x1x1x40@256"                   # 24 series of 40 x 128 KiB
 RANDOM_SHAPING = {"latency_s": 0.050, "total_mbit_s": 100.0}
 RANDOM_OPENS = 40                                 # instances each worker opens
+WALK_SIZES = (2500, 5000)                         # patients of the walked collections
+NLST_PATIENTS = 26254                             # NLST, the widest collection TCIA serves
+WALK_LATENCY_S = 0.020
 # A worker process: read each path (or, direct, each SeriesUID/SOPUID with getSingleImage) in turn.
 WORKER = r"""
 import sys, requests
@@ -78,7 +87,8 @@ print(total)
 TARGETS = """targets: (a) cold cp -r <= 1.1x (zip + extract + round trip), and >= 5x faster than the loop
          when latency-bound; (b) first byte <= 1.2x one request; (c) <= 1.1x zip + dcm2niix;
          (d) page cache >= 50 % of local disk, disk cache >= 20 % of local disk; (e) warm walk 0 requests,
-         cold walk to series level a handful; (f) RSS <= 200 MB, cache <= its limit"""
+         cold walk to series level a handful; (f) RSS <= 200 MB, cache <= its limit;
+         walk: cold find <= 2x its floor, 5,000 patients <= 2.2x the time of 2,500"""
 
 
 class Server:
@@ -337,17 +347,29 @@ def main() -> int:
     ap.add_argument("--skip-scale", action="store_true", help="skip (f), which generates 600 MB once")
     args = ap.parse_args()
     asked = [p for p in args.profiles.split(",") if p]
-    unknown = [p for p in asked if p not in PROFILES and p not in RANDOM_PROFILES]
+    unknown = [p for p in asked if p not in PROFILES and p not in RANDOM_PROFILES and p != "walk"]
     if unknown:
-        raise SystemExit(f"unknown profile {unknown[0]!r}: use {', '.join([*PROFILES, *RANDOM_PROFILES])}")
+        raise SystemExit(f"unknown profile {unknown[0]!r}: use {', '.join([*PROFILES, *RANDOM_PROFILES, 'walk'])}")
     names = [p for p in asked if p in PROFILES]
     randoms = {}
     for name in (p for p in asked if p in RANDOM_PROFILES):
         with tempfile.TemporaryDirectory(prefix=f"nbiafs-bench-{name}-") as work:
             print(f"profile {name}...", file=sys.stderr, flush=True)
             randoms[name] = random_run(RANDOM_PROFILES[name], Path(work))
+    walks = []
+    if "walk" in asked:
+        for patients in WALK_SIZES:
+            with tempfile.TemporaryDirectory(prefix="nbiafs-bench-walk-") as work:
+                print(f"profile walk, {patients} patients...", file=sys.stderr, flush=True)
+                walks.append(walk_run(patients, Path(work)))
+        with tempfile.TemporaryDirectory(prefix="nbiafs-bench-wide-") as work:
+            print(f"profile walk, ls -l of {NLST_PATIENTS} patients...", file=sys.stderr, flush=True)
+            wide = wide_listing_run(NLST_PATIENTS, Path(work))
+    else:
+        wide = None
     if not names:
         report_random(randoms)
+        report_walk(walks, wide)
         return 0
     print("preparing the bench archive (generated once)...", file=sys.stderr, flush=True)
     index = load_synthetic("bench")
@@ -370,7 +392,95 @@ def main() -> int:
             scale = scale_run(Path(work))
     report(results, names, big, scale)
     report_random(randoms)
+    report_walk(walks, wide)
     return 0
+
+
+def walk_run(patients: int, work: Path) -> dict:
+    """A cold `find` of a collection of `patients` patients (one instance each) on a fresh mount,
+    then a warm one on the same mount, and `find` over the same tree on local disk."""
+    from nbiafs.catalog import WALK_CONNECTIONS
+    server = Server(f"1x{patients}x1x1x1@16", "--versions", "v4")
+    try:
+        server.shape(latency_s=WALK_LATENCY_S)
+        m = MountedArchive(server.url, work / "walk-mnt", work / "walk-cache", work / "walk.log")
+        try:
+            coll = next(p for p in m.mountpoint.iterdir())
+            server.reset()
+
+            def find(root: Path) -> int:
+                out = subprocess.run(["find", str(root), "-name", "*.dcm"], capture_output=True, text=True,
+                                     check=True).stdout
+                return out.count("\n")
+            start = time.perf_counter()
+            files = find(coll)
+            cold = time.perf_counter() - start
+            counts = server.counters()
+            start = time.perf_counter()
+            again = find(coll)
+            warm = time.perf_counter() - start
+            warm_requests = server.requests() - counts["total"]
+            status = Path(f"/proc/{m.proc.pid}/status").read_text()
+            hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+            local = work / "local"
+            for path in (p.relative_to(m.mountpoint) for p in coll.glob("*/*/*/*.dcm")):
+                (local / path).parent.mkdir(parents=True, exist_ok=True)
+                (local / path).touch()
+            find(local / coll.name)  # its dentries cached, as the mount's are
+            start = time.perf_counter()
+            find(local / coll.name)
+            local_s = time.perf_counter() - start
+        finally:
+            m.stop()
+    finally:
+        server.stop()
+    if files != patients or again != patients:
+        raise SystemExit(f"walk of {patients} patients found {files} then {again} files")
+    floor = (-(-patients // WALK_CONNECTIONS) + 3) * WALK_LATENCY_S
+    return {"patients": patients, "cold": cold, "requests": counts["total"], "floor": floor,
+            "max_in_flight": counts.get("max_in_flight", 0), "warm": warm, "warm_requests": warm_requests,
+            "local": local_s, "rss_mb": hwm / 1024}
+
+
+def wide_listing_run(patients: int, work: Path) -> dict:
+    """`ls -l` of a collection of `patients` patients on a fresh mount: the daemon's peak RSS."""
+    server = Server(f"1x{patients}x1x1x1@16", "--versions", "v4")
+    try:
+        m = MountedArchive(server.url, work / "wide-mnt", work / "wide-cache", work / "wide.log")
+        try:
+            coll = next(p for p in m.mountpoint.iterdir())
+            start = time.perf_counter()
+            lines = subprocess.run(["ls", "-l", str(coll)], capture_output=True, text=True,
+                                   check=True).stdout.count("\n")
+            seconds = time.perf_counter() - start
+            status = Path(f"/proc/{m.proc.pid}/status").read_text()
+            hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+        finally:
+            m.stop()
+    finally:
+        server.stop()
+    if lines != patients + 1:  # and the "total" line
+        raise SystemExit(f"ls -l of {patients} patients gave {lines - 1} lines")
+    return {"patients": patients, "seconds": seconds, "rss_mb": hwm / 1024}
+
+
+def report_walk(walks: list[dict], wide: dict | None = None) -> None:
+    if not walks:
+        return
+    print(f"\nfirst walk: cold `find COLLECTION -name '*.dcm'` on a fresh mount, {WALK_LATENCY_S * 1000:g} ms "
+          f"per request; floor = (series / connections + 3) round trips")
+    print(f"{'patients':>9}{'cold s':>8}{'requests':>10}{'at once':>9}{'floor s':>9}{'cold/floor':>12}"
+          f"{'warm s':>8}{'(requests)':>11}{'local s':>9}{'warm/local':>12}{'RSS MB':>8}")
+    for w in walks:
+        print(f"{w['patients']:>9}{w['cold']:>8.2f}{w['requests']:>10}{w['max_in_flight']:>9}{w['floor']:>9.2f}"
+              f"{w['cold'] / w['floor']:>11.2f}x{w['warm']:>8.2f}{'(' + str(w['warm_requests']) + ')':>11}"
+              f"{w['local']:>9.3f}{w['warm'] / w['local']:>11.1f}x{w['rss_mb']:>8.0f}")
+    if len(walks) > 1:
+        print(f"growth: {walks[-1]['patients'] / walks[0]['patients']:.1f}x the patients took "
+              f"{walks[-1]['cold'] / walks[0]['cold']:.2f}x the time")
+    if wide:
+        print(f"ls -l of {wide['patients']:,} patients (cold, unshaped): {wide['seconds']:.2f} s, "
+              f"daemon peak RSS {wide['rss_mb']:.0f} MB (target <= 200 MB)")
 
 
 def report_random(randoms: dict) -> None:

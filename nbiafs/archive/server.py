@@ -79,6 +79,8 @@ class LocalArchive:
         self._by_version: Counter = Counter()
         self._instances: Counter = Counter()  # SOPInstanceUID -> times its bytes were sent
         self._image_bytes = 0                 # bytes of image answers (single images and zips)
+        self._in_flight = 0                   # API requests being answered now, and the most at once
+        self._max_in_flight = 0
         self._total_link: Throttle | None = None
         self._stopping = threading.Event()
         self._own_deflate_dir = index.deflate_dir is None
@@ -195,14 +197,21 @@ class LocalArchive:
             self._instances.update(sop_uids)
             self._image_bytes += size
 
+    def answering(self, change: int) -> None:
+        """An API request started (+1) or was answered (-1)."""
+        with self._lock:
+            self._in_flight += change
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
     def counters(self) -> dict:
         """{"endpoints": {name: n}, "versions": {"v4": n}, "tokens": {"<user>#<grant>": n},
         "total": n, "instances": {SOPInstanceUID: times sent, by getSingleImage or in a zip},
-        "image_bytes": n}."""
+        "image_bytes": n, "max_in_flight": most API requests answered at once}."""
         with self._lock:
             return {"endpoints": dict(self._counts), "versions": dict(self._by_version),
                     "tokens": dict(self._by_token), "total": sum(self._counts.values()),
-                    "instances": dict(self._instances), "image_bytes": self._image_bytes}
+                    "instances": dict(self._instances), "image_bytes": self._image_bytes,
+                    "max_in_flight": self._max_in_flight}
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -211,6 +220,7 @@ class LocalArchive:
             self._by_version.clear()
             self._instances.clear()
             self._image_bytes = 0
+            self._max_in_flight = self._in_flight
 
 
 class _Server(ThreadingHTTPServer):
@@ -264,9 +274,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._logout()
             segs = path.split("/")
             if len(segs) == 5 and segs[1:3] == ["nbia-api", "services"] and segs[3] in self.archive.versions:
-                if segs[3] == "v4":
-                    return self._service_v4(segs[4], parse_qsl(parts.query, keep_blank_values=True))
-                return self._service(segs[3], segs[4], params)
+                self.archive.answering(+1)
+                try:
+                    if segs[3] == "v4":
+                        return self._service_v4(segs[4], parse_qsl(parts.query, keep_blank_values=True))
+                    return self._service(segs[3], segs[4], params)
+                finally:
+                    self.archive.answering(-1)
             self._send(404, b"Not Found", "text/plain")
         except _Stop:
             self.close_connection = True
