@@ -269,7 +269,7 @@ class NbiaFilesystem:
         size = os.fstat(handle.fileno()).st_size
         if self.catalog.store.get(preview_key(node)) != size:  # st_size exact from now on
             self.catalog.store.put(preview_key(node), size)
-        self._invalidate_estimates(node.series_uid, wait=True)
+        self._invalidate_estimates(node.series_uid, wait=True, opening=node.path)
         return handle
 
     def record_exact_size(self, series_uid: str, sop_uid: str, size: int, wait: bool = False,

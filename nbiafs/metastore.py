@@ -8,7 +8,7 @@ mount keeps working, read-only, for what it has seen while the archive is
 unreachable). Concurrent lookups of one key cause one fetch (single flight).
 
 Facts that never change (the exact size of a fetched instance) use
-`put`/`get` and never expire.
+`put`/`get` and never expire. Writes reach the disk behind the caller.
 
 Locking: `_lock` guards `_memory` (cachetools caches are not thread-safe) and the flights; a
 flight lock per key being fetched (re-entrant) serialises fetches of that key and of no other,
@@ -20,6 +20,7 @@ calling threads.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from typing import Any, Callable
@@ -101,9 +102,17 @@ class MetadataStore:
         return entry
 
     def _store(self, key: str, entry) -> None:
+        """In memory at once; on disk behind the caller (the store's one thread runs its calls in
+        order, so a later read of the key, or `close`, comes after the write)."""
         with self._lock:
             self._memory[key] = entry
-        self._disk.set(key, entry)
+        self._disk.submit(self._disk_set, key, entry)
+
+    def _disk_set(self, key: str, entry) -> None:
+        try:
+            self._disk.set(key, entry)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:  # kept in memory; asked again after a remount
+            log.warning("metadata cache: could not write %s: %s", key.split("\0", 1)[0], exc)
 
     def _join_flight(self, key: str) -> list:
         with self._lock:

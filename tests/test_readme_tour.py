@@ -76,9 +76,9 @@ def test_the_readme_tour(tmp_path, nbia_archive_data):
                 else output.rstrip("\n").split("\n") if output else []
             if command.startswith("nbiafs "):
                 shown = [line for line in shown if not line.startswith("[") or "100.0%" in line]  # the bar at its end
-                assert masked(shown) == masked(expected), (command, shown)
+                assert masked(shown) == masked(expected), (command, shown, res.stderr)
             else:
-                assert shown == expected, (command, shown)
+                assert shown == expected, (command, shown, res.stderr)
     finally:
         demo.send_signal(signal.SIGINT)
         demo.communicate(timeout=30)
