@@ -158,7 +158,8 @@ class Mount:
         fs = self.fs = NbiaFilesystem(catalog, cache, prefetcher, status=self.status_text, source=source)
         self._status = StatusSources(config.mountpoint, config.client.root_url, api,
                                      client.user, scope, time.time(), client, cache,
-                                     prefetcher if config.prefetch.enabled else None, fs.errors, tier)
+                                     prefetcher if config.prefetch.enabled else None, fs.errors, tier,
+                                     catalog.ahead)
         return fs
 
     def _shared_tier(self, config: MountConfig, client: NbiaClient, scope: Path) -> SharedTier | None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from nbiafs.blobcache import InstanceCache
     from nbiafs.prefetch import Prefetcher
     from nbiafs.tier import SharedTier
+    from nbiafs.walk import ListingQueue
 
 STATUS_DIR = ".nbiafs"
 STATUS_FILE = "status"
@@ -83,6 +84,7 @@ class StatusSources:
     prefetcher: Prefetcher | None
     errors: ErrorLog
     tier: SharedTier | None = None
+    ahead: ListingQueue | None = None  # listings fetched ahead of walks
 
 
 def render_status(src: StatusSources) -> str:
@@ -112,6 +114,10 @@ def render_status(src: StatusSources) -> str:
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
                  f"for prefetch, {zips} series zips" + (f" ({abandoned} abandoned)" if abandoned else "")
                  + f"; {unread} prefetched, never read")
+    if src.ahead is not None:
+        a = src.ahead
+        lines.append(f"listings:   {a.done} fetched ahead of walks, {a.running()} running, {a.queued()} queued, "
+                     f"{a.dropped} dropped (their walk had ended)")
     if src.tier is not None:
         lines.append(f"shared:     {_tier_line(src.tier)}")
     integrity = _integrity(src)

@@ -191,11 +191,13 @@ class ListingQueue:
                         self.dropped += 1
                     self._cond.notify_all()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Drop what is queued and wait (up to `timeout` in all) for the listings running."""
         with self._cond:
             self._closed = True
             self._heap.clear()
             self._cond.notify_all()
             threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
