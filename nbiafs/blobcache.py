@@ -161,7 +161,9 @@ class InstanceCache:
                     raise flight.error
                 continue  # stored by the other download, or it gave up: look again
             try:
-                handle = self._get(key)
+                # Stored between the look above and the flight? Every store of this process
+                # records its path (`_paths`) before it lands: no second ask of the index.
+                handle = self.open_known(key, counted=counted)
                 if handle is not None:
                     self._land(key, flight)
                     return handle, False
@@ -372,9 +374,9 @@ class InstanceCache:
             return True
         return key in self._cache
 
-    def open_known(self, key: str) -> BinaryIO | None:
+    def open_known(self, key: str, counted: bool = True) -> BinaryIO | None:
         """A read handle on `key` if this cache knows where its file is without asking the index
-        (a recent open or store), else None; counted as a hit."""
+        (a recent open or store), else None; counted as a hit (`counted`)."""
         with self._lock:
             path = self._paths.get(key)
         if path is None:
@@ -387,7 +389,7 @@ class InstanceCache:
             return None
         with self._lock:
             self._touched.add(key)
-        self.hits += 1
+        self.hits += counted
         return handle
 
     def _get(self, key: str) -> BinaryIO | None:

@@ -73,15 +73,16 @@ STATUS_PATHS = (STATUS_DIR_PATH, STATUS_PATH)
 
 
 class KernelCache(Protocol):
-    """The kernel's attribute cache, to be told (in order) when sizes it was given change."""
+    """The kernel's attribute cache, to be told when sizes it was given change: in the
+    background (`submit`), or at once from an open of the path (`invalidate_now`)."""
 
     def submit(self, paths) -> threading.Event | None: ...
 
-    def busy(self) -> bool: ...
+    def pending(self, path: str) -> bool: ...
 
     def unconfirmed(self, path: str) -> bool: ...
 
-    def wait(self, done: threading.Event) -> None: ...
+    def invalidate_now(self, path: str) -> None: ...
 
 
 class _NoKernelCache:
@@ -90,13 +91,13 @@ class _NoKernelCache:
     def submit(self, paths) -> threading.Event | None:
         return None
 
-    def busy(self) -> bool:
+    def pending(self, path: str) -> bool:
         return False
 
     def unconfirmed(self, path: str) -> bool:
         return False
 
-    def wait(self, done: threading.Event) -> None:
+    def invalidate_now(self, path: str) -> None:
         pass
 
 
@@ -230,8 +231,8 @@ class NbiaFilesystem:
         if handle is not None and self.catalog.exact_size(node.series_uid, node.sop_uid) == os.fstat(
                 handle.fileno()).st_size:
             # The hot path of re-reads: cached, its exact size told; one open(2), no lookups.
-            # Still waits for invalidations queued before it (an eviction's refetch, the prefetch).
-            self._invalidate_estimates(node.series_uid, wait=True, opening=node.path)
+            # Still makes sure the kernel forgot an estimate of it (the prefetch stored it).
+            self._invalidate_estimates(node.series_uid, opening=node.path)
             if self.prefetcher is not None:
                 self.prefetcher.opening_cached(node.series_uid, node.sop_uid)
             return handle
@@ -243,7 +244,7 @@ class NbiaFilesystem:
         handle, _downloaded = self.cache.open(
             key, lambda dest: self.source.fetch(node.series_uid, node.sop_uid, dest))
         # The exact size is known before open returns: the kernel never sees an estimate again.
-        self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size, wait=True,
+        self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size,
                                opening=node.path)
         if self.prefetcher is not None:
             # Told after this instance is here, so its download never shares the link with
@@ -269,35 +270,35 @@ class NbiaFilesystem:
         size = os.fstat(handle.fileno()).st_size
         if self.catalog.store.get(preview_key(node)) != size:  # st_size exact from now on
             self.catalog.store.put(preview_key(node), size)
-        self._invalidate_estimates(node.series_uid, wait=True, opening=node.path)
+        self._invalidate_estimates(node.series_uid, opening=node.path)
         return handle
 
-    def record_exact_size(self, series_uid: str, sop_uid: str, size: int, wait: bool = False,
-                          opening: str | None = None) -> None:
+    def record_exact_size(self, series_uid: str, sop_uid: str, size: int, opening: str | None = None) -> None:
         """An instance's exact size is known (opened, or stored by the prefetch): remember it, and
-        have the kernel forget the estimates of its series it cached (`wait`: before returning,
-        as an open must, so its reader's fstat and reads see the exact size)."""
+        have the kernel forget the estimates of its series it cached (`opening`: the path being
+        opened, whose estimate is forgotten before this returns, so its reader's fstat and reads
+        see the exact size)."""
         self.catalog.record_exact_size(series_uid, sop_uid, size)
-        self._invalidate_estimates(series_uid, wait, opening)
+        self._invalidate_estimates(series_uid, opening)
 
-    def _invalidate_estimates(self, series_uid: str, wait: bool, opening: str | None = None) -> None:
-        """Queued under the lock, so that an open that finds nothing left to invalidate still
-        waits for what another thread queued before it (its reader may be reading that path).
-        `opening`: the path being opened, invalidated again if an invalidation of it came while
-        the kernel did not know it (`KernelCache.unconfirmed`): an estimate may have reached it
-        since, and at an open the kernel surely knows the path."""
+    def _invalidate_estimates(self, series_uid: str, opening: str | None = None) -> None:
+        """The series' paths told an estimate are invalidated in the background, except
+        `opening`, the path being opened: the kernel may hold an estimate of it if it was told
+        one (still in the set, or queued and not yet told), or if an invalidation of it came
+        while the kernel did not know it (`KernelCache.unconfirmed`: an estimate may have
+        reached it since). Then it is invalidated here, by the thread answering the open (the
+        kernel allows it: an open is not among the requests such a notice may deadlock with;
+        the kernel knows the path now)."""
         with self._handles_lock:
-            paths = self._estimated.pop(series_uid, None)
-            if opening is not None and self.kernel.unconfirmed(opening):
-                paths = (paths or set()) | {opening}
+            paths = self._estimated.pop(series_uid, None) or set()
+            now = opening is not None and (opening in paths or self.kernel.pending(opening)
+                                           or self.kernel.unconfirmed(opening))
+            paths.discard(opening)
             if paths:
-                done = self.kernel.submit(paths)
-            elif wait and self.kernel.busy():
-                done = self.kernel.submit(())
-            else:
-                done = None
-        if wait and done is not None:
-            self.kernel.wait(done)
+                self.kernel.submit(paths)
+        if now:
+            assert opening is not None
+            self.kernel.invalidate_now(opening)
 
     def handle(self, fh: int) -> BinaryIO:
         """The open file behind `fh`: a cache file, or the status text (a BytesIO)."""

@@ -14,6 +14,7 @@ splices) the bytes itself and Python only says where they are.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -38,7 +39,7 @@ from nbiafs.filesystem import NbiaFilesystem  # noqa: E402
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT_S = 3600.0   # sizes change only from estimate to exact, and are invalidated then
-INVALIDATE_WAIT_S = 2.0   # an open waits this long at most for its invalidation
+INVALIDATE_WAIT_S = 2.0   # `KernelInvalidator.wait` waits this long at most
 READ_AHEAD_KB = 1024      # the mount's readahead window: reads of 1 MiB (FUSE's max_pages)
 
 FUSE_BUF_IS_FD = 1 << 1
@@ -106,10 +107,12 @@ def _read_only(*_args):
 
 
 class KernelInvalidator:
-    """Tells the kernel that paths' attributes changed (libfuse3's fuse_invalidate_path), in
-    order, from its own thread: the kernel must not be asked from a thread that is answering a
-    request on the same inode. `submit` queues and returns an event set once done; `busy` says
-    whether anything queued is not done yet (then a barrier, `submit(())`, waits for it).
+    """Tells the kernel that paths' attributes changed (libfuse3's fuse_invalidate_path): in
+    order, from its own thread (`submit`, which returns an event set once done; `pending` says
+    whether a path is queued and not yet told), since a thread answering a lookup or readdir
+    must not send such a notice; or at once from the thread answering an open of the path
+    (`invalidate_now`), which may (an inode notice never blocks on a read-only mount: no dirty
+    pages to write back).
 
     An invalidation the kernel answers with ENOENT did nothing: it had no inode for the path.
     Either it had forgotten the path, or the reply that gives it the inode (with the estimate
@@ -126,9 +129,9 @@ class KernelInvalidator:
         self._invalidate = invalidate  # (path bytes) -> 0 or -errno; libfuse's by default
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._pending = 0
         self._lock = threading.Lock()
         self._unconfirmed: dict[str, int] = {}  # path -> retries done (insertion order: oldest first)
+        self._queued: collections.Counter = collections.Counter()  # paths submitted, not yet told
         self._retries: list[tuple[float, str]] = []  # (when, path), a heap
 
     def start(self, fuse_handle: int | None) -> None:
@@ -150,13 +153,20 @@ class KernelInvalidator:
         if self._thread is None:
             return None
         event = threading.Event()
+        paths = list(paths)
         with self._lock:
-            self._pending += 1
-        self._queue.put((list(paths), event))
+            self._queued.update(paths)
+        self._queue.put((paths, event))
         return event
 
-    def busy(self) -> bool:
-        return self._pending > 0
+    def pending(self, path: str) -> bool:
+        with self._lock:
+            return path in self._queued
+
+    def invalidate_now(self, path: str) -> None:
+        """Invalidate `path` in the calling thread (one answering an open of it)."""
+        if self._invalidate is not None and self._thread is not None:
+            self._tell(path, retried=False)
 
     def unconfirmed(self, path: str) -> bool:
         """Whether the kernel may still hold an attribute of `path` that was invalidated while
@@ -184,8 +194,10 @@ class KernelInvalidator:
             paths, event = item
             for path in paths:
                 self._tell(path, retried=False)
-            with self._lock:
-                self._pending -= 1
+                with self._lock:
+                    self._queued[path] -= 1
+                    if self._queued[path] <= 0:
+                        del self._queued[path]
             event.set()
             self._retry_due()
 

@@ -8,6 +8,7 @@ SIZES_JSON maps mount paths to their exact sizes. Everything else is the real da
 
 import json
 import sys
+import time
 
 from nbiafs import cli, fuse_ops
 
@@ -21,8 +22,10 @@ def getattr_raced(self, path, fh=None):
     if path in EXACT and path not in _raced:
         _raced.add(path)
         node = self.fs.catalog.resolve(path)
-        # What the prefetch's store does, and waits here until the kernel was told.
-        self.fs.record_exact_size(node.series_uid, node.sop_uid, EXACT[path], wait=True)
+        # What the prefetch's store does; then wait here until the kernel was told.
+        self.fs.record_exact_size(node.series_uid, node.sop_uid, EXACT[path])
+        while self.invalidator.pending(path):
+            time.sleep(0.001)
     return attrs
 
 

@@ -170,7 +170,9 @@ def test_demo_mounts_shows_what_to_try_and_stops_on_ctrl_c(tmp_path, nbia_archiv
             res = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in clean.items()), "bash", "-l", "-o",
                                   "pipefail", "-c", command], capture_output=True, text=True, timeout=600,
                                  stdin=subprocess.DEVNULL, cwd=tmp_path)
-            assert res.returncode == 0 or (res.returncode == 141 and "| head" in command), (command, res.stderr)
+            if not (res.returncode == 0 or (res.returncode == 141 and "| head" in command)):
+                proc.send_signal(signal.SIGINT)  # the demo's own messages say why
+                raise AssertionError((command, res.stderr, proc.communicate(timeout=30)[1][-3000:]))
         assert subprocess.run(["env", "-i", f"HOME={clean['HOME']}", "bash", "-lc", "command -v nbiafs"],
                               capture_output=True, text=True).stdout.strip() != os.path.join(
                                   os.path.dirname(sys.executable), "nbiafs")

@@ -76,9 +76,13 @@ def test_the_readme_tour(tmp_path, nbia_archive_data):
                 else output.rstrip("\n").split("\n") if output else []
             if command.startswith("nbiafs "):
                 shown = [line for line in shown if not line.startswith("[") or "100.0%" in line]  # the bar at its end
-                assert masked(shown) == masked(expected), (command, shown, res.stderr)
+                ok = masked(shown) == masked(expected)
             else:
-                assert shown == expected, (command, shown, res.stderr)
+                ok = shown == expected
+            if not ok:  # with what the tour and the demo said
+                demo.send_signal(signal.SIGINT)
+                raise AssertionError((command, shown, expected, res.stderr, demo.communicate(timeout=30)[1][-3000:]))
     finally:
-        demo.send_signal(signal.SIGINT)
-        demo.communicate(timeout=30)
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGINT)
+            demo.communicate(timeout=30)
