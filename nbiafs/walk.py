@@ -10,7 +10,8 @@ at a time, a walk of 5,000 patients at 80 ms a request would take minutes. So:
   folder it is in) and the planner hands out the next patients, up to `window` ahead of it, each
   once, with the listings as deep as the walk has gone (`find -maxdepth 3` lists studies'
   folders, not series': it gets no SOP listings; when it goes deeper, its window is planned again
-  to that depth). A walk that lists nothing for `idle_s` ends; its queued work is dropped. Two
+  to that depth); a jump ahead, or a new pass from further back, is planned from where it
+  landed. A walk that lists nothing for `idle_s` ends; its queued work is dropped. Two
   series folders of one patient listed (`find PATIENT`, dcm2niix of a patient) plan that patient
   alone.
 - `ListingQueue` runs the listings of those patients (their studies, series and every series'
@@ -91,8 +92,11 @@ class WalkPlanner:
                 walk.position = walk.planned = patient - 1
                 log.debug("walk of %s evident: listing up to %d patients ahead", collection, self.window)
             if walk.evident:
-                if patient > walk.planned + 1:  # a jump: what it skipped is not wanted
+                if patient > walk.planned + 1 or patient < walk.position - 1:
+                    # A jump ahead (what it skipped is not wanted) or a new pass from further back
+                    # (`ls -lR` after `find -maxdepth 3`): planned from where it is now.
                     walk.planned = patient - 1
+                    walk.position = patient
                 walk.position = max(walk.position, patient)
                 end = min(patients, walk.position + 1 + self.window)
                 if end - 1 <= walk.planned:

@@ -75,6 +75,20 @@ def test_a_shallow_walk_gets_shallow_listings_until_it_goes_deeper():
     assert plan is not None and plan.depth == SERIES_FOLDERS and list(plan.patients) == [2, 3, 4, 5, 6]
 
 
+def test_a_second_pass_deeper_than_the_first_is_planned_again_from_its_start():
+    clock = Clock()
+    planner = WalkPlanner(window=64, idle_s=30, clock=clock)
+    for p in range(50):  # find -maxdepth 3: patients' and studies' folders
+        planner.listed("C", p, 50, PATIENT_FOLDERS)
+        planner.listed("C", p, 50, STUDY_FOLDERS)
+    planned = []
+    for patient, depth, series in find_trace(50):  # then ls -lR, into every series folder
+        plan = planner.listed("C", patient, 50, depth, series)
+        if plan is not None and plan.depth == SERIES_FOLDERS:
+            planned.extend(plan.patients)
+    assert planned == list(range(50))  # every patient's SOP listings, once, from the start
+
+
 def test_a_jump_plans_from_where_the_walk_is_and_collections_are_apart():
     clock = Clock()
     planner = WalkPlanner(window=4, idle_s=30, clock=clock)
