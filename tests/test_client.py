@@ -157,6 +157,21 @@ def test_empty_answer_from_a_dead_token_is_never_returned(token_client, nbia_arc
     assert len(client.get_series(collection="Phantom-Thorax-CT")) == expected
 
 
+def test_an_empty_answer_is_judged_by_the_token_it_came_with(token_client, nbia_archive):
+    """Between an empty answer (from a dead token) and its check, another thread renewed the
+    session's token: the check must prove the token the answer came with, not the new one,
+    or the dead token's "no data" would be taken for the truth (and cached as a listing)."""
+    client = token_client
+    expected = len(client.get_series(collection="Phantom-Thorax-CT"))
+    assert expected > 0
+    dead = f"Bearer {client.auth.current_token()}"
+    nbia_archive.tokens.expire_all()
+    client.auth.renew_after_rejection(dead)  # what the other thread did: the session's token is live
+    assert f"Bearer {client.auth.current_token()}" != dead
+    rows = client._verify_empty("getSeries", {"Collection": "Phantom-Thorax-CT"}, seen={"empty_with": dead})
+    assert len(rows) == expected
+
+
 def test_download_with_dead_token_renews_once_and_retries(token_client, nbia_archive):
     client = token_client
     big = big_series(nbia_archive)

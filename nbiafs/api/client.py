@@ -376,16 +376,21 @@ class NbiaClient:
     def _query(self, endpoint: str, version: str | None = None, form: dict | None = None, **params) -> list:
         """A metadata query: the parsed JSON rows, [] for an empty (verified) answer."""
         params = {k: v for k, v in params.items() if v is not None}
+        seen: dict = {}
         rows = self._with_retries(endpoint, self.config.metadata_budget_s,
-                                  lambda state: self._query_once(endpoint, params, state, version, form))
+                                  lambda state: self._query_once(endpoint, params, state, version, form, seen))
         if rows or self.auth is None or version == "v1":
             return rows
-        return self._verify_empty(endpoint, params, version, form)
+        return self._verify_empty(endpoint, params, version, form, seen)
 
     def _query_once(self, endpoint: str, params: dict, state: dict, version: str | None = None,
-                    form: dict | None = None) -> list:
+                    form: dict | None = None, seen: dict | None = None) -> list:
+        """One attempt; an empty answer notes in `seen["empty_with"]` the Authorization it
+        came with (the token to prove alive before the answer stands)."""
         r = self._send(endpoint, params, state, version=version, form=form)
         if r.status_code == 204 or (r.status_code == 200 and not r.content.strip()):
+            if seen is not None:
+                seen["empty_with"] = _text(r.request.headers.get("Authorization"))
             return []
         if r.status_code == 400:
             text = r.text.strip()[:300]
@@ -410,26 +415,28 @@ class NbiaClient:
         return rows
 
     def _verify_empty(self, endpoint: str, params: dict, version: str | None = None,
-                      form: dict | None = None) -> list:
-        """An empty v2 answer may come from a dead token: prove the token alive, or renew and
-        ask again; all within one metadata budget (a token endpoint that is down for a moment
-        is retried, never turned into an empty listing)."""
+                      form: dict | None = None, seen: dict | None = None) -> list:
+        """An empty answer may come from a dead token: prove alive the token it came with
+        (`seen["empty_with"]`; not the session's current one, which another thread may have
+        renewed meanwhile), or renew and ask again; all within one metadata budget (a token
+        endpoint that is down for a moment is retried, never turned into an empty listing)."""
         auth = self.auth
         assert auth is not None  # only token sessions verify empty answers
+        seen = {} if seen is None else seen
 
         def attempt(state):
             try:
-                header = f"Bearer {auth.current_token()}"
+                header = seen.get("empty_with") or f"Bearer {auth.current_token()}"
                 if self._probe(header, state):
-                    return []  # a live token: the empty answer stands
+                    return []  # the token it came with is alive: the empty answer stands
                 log.info("an empty answer came with a dead token; renewing and asking again")
                 auth.renew_after_rejection(header)
             except ArchiveUnavailable as exc:  # the token endpoint did not answer
                 raise _Retry(str(exc)) from None
-            again = self._query_once(endpoint, params, state, version, form)
+            again = self._query_once(endpoint, params, state, version, form, seen)
             if again:
                 return again
-            raise _Retry("empty again after renewal: checking the new token", retry_after_s=0.0)
+            raise _Retry("empty again after renewal: checking the token it came with", retry_after_s=0.0)
         return self._with_retries(endpoint, self.config.metadata_budget_s, attempt)
 
     def _probe(self, header: str, state: dict) -> bool:
