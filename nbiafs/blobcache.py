@@ -172,7 +172,7 @@ class InstanceCache:
                     fetch(tmp)  # type: ignore[arg-type]  # a file object, as BinaryIO says
                     tmp.flush()
                     # Opened before the cache adopts it: served even if evicted at once.
-                    handle = open(tmp.name, "rb")
+                    handle = self._reopen(key, tmp)
                 except BaseException:
                     tmp.close()
                     with contextlib.suppress(FileNotFoundError):
@@ -188,6 +188,20 @@ class InstanceCache:
             # the key wait for the flight, which lands once it is stored.
             self._store_later(key, tmp, flight)
             return handle, True
+
+    @staticmethod
+    def _reopen(key: str, tmp) -> BinaryIO:
+        """A read handle on a complete download. If its temporary file is gone by name (never
+        seen in this process's own code paths; logged so it can be found), the bytes are still
+        those written: served from the open descriptor (the cache will not keep them)."""
+        try:
+            return open(tmp.name, "rb")
+        except FileNotFoundError:
+            log.warning("%s: the temporary file of its download, %s, was removed before it was "
+                        "opened; served from the open file, not kept", key, tmp.name)
+            handle = os.fdopen(os.dup(tmp.fileno()), "rb")
+            handle.seek(0)
+            return handle
 
     def _store_later(self, key: str, tmp, flight: _Flight) -> None:
         def finish(error: BaseException | None) -> None:

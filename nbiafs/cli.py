@@ -409,7 +409,7 @@ Try, in another terminal:
   find {mountpoint} -maxdepth 3
   getfattr -d '{d}'
   dcmdump '{d}/{naming.instance_file_name(first)}' | head -40
-  dcm2niix -o /tmp '{d}'
+  dcm2niix -w 1 -o /tmp '{d}'
   du -sb '{d}'
   cp '{d}/.preview.png' /tmp/preview.png   # the middle slice, for any image viewer
   nbiafs prefetch '{mountpoint}/{naming.escape(series.collection["Collection"])}'

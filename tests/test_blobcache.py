@@ -120,3 +120,23 @@ def test_concurrent_stores_and_evictions(tmp_path):
     assert not errors, errors[:5]
     assert cache.volume() <= 200_000
     cache.close()
+
+
+def test_a_download_whose_temporary_file_was_removed_is_still_served_whole(tmp_path, caplog):
+    """Whatever removed a download's temporary file by name, the bytes written are the ones
+    asked for: the open gets them (not EIO), and the cache does not claim to hold them."""
+    cache = InstanceCache(tmp_path, max_bytes=10**6, min_free_bytes=0)
+    data = bytes(range(256)) * 400
+
+    def fetch_then_lose_the_name(dest):
+        dest.write(data)
+        os.unlink(dest.name)
+        return len(data)
+    handle, downloaded = cache.open("s/1", fetch_then_lose_the_name)
+    assert downloaded and handle.read() == data
+    handle.close()
+    assert "was removed before it was opened" in caplog.text
+    again, downloaded = cache.open("s/1", writer(data))  # not kept: fetched again, then kept
+    assert downloaded and again.read() == data
+    again.close()
+    cache.close()
