@@ -18,7 +18,6 @@ total, spread in name order, so the sizes of a series always add up to
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import threading
@@ -133,7 +132,7 @@ class Catalog:
         self.readable = names == "readable"
         self.previews = previews
         self.negative_ttl_s = negative_ttl_s
-        self._lock = threading.Lock()  # guards _memo, _nodes, _writer and the exact-size fields
+        self._lock = threading.Lock()  # guards _memo, _nodes and the exact-size fields
         self._memo: cachetools.LRUCache = cachetools.LRUCache(maxsize=MEMO_ENTRIES)
         self._exact_versions: dict[str, int] = {}
         self._nodes: cachetools.TTLCache = cachetools.TTLCache(maxsize=65536, ttl=node_ttl_s)
@@ -142,7 +141,6 @@ class Catalog:
         self._flushed_at: dict[str, float] = {}
         self.planner = WalkPlanner()
         self.ahead = ListingQueue(WALK_CONNECTIONS)
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ listings (one request each)
     def collections(self, max_age_s=None) -> list[str]:
@@ -434,18 +432,8 @@ class Catalog:
             if uid:
                 self.ahead.submit((i, 1, k), ("instances", uid), functools.partial(self.instances, uid), wanted)
 
-    def _background(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._writer is None:  # created on first use: after the daemon has forked
-                self._writer = concurrent.futures.ThreadPoolExecutor(1, "nbia-meta-write")
-            return self._writer
-
     def close(self) -> None:
         self.ahead.close()
-        with self._lock:
-            writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.shutdown(wait=True, cancel_futures=True)
         self.flush()
 
     # ------------------------------------------------------------------ sizes
@@ -499,10 +487,10 @@ class Catalog:
             self._exact_versions[series_uid] = self._exact_versions.get(series_uid, 0) + 1
             self._dirty.add(series_uid)
             due = time.monotonic() - self._flushed_at.get(series_uid, 0.0) >= EXACT_FLUSH_S
-        if due:  # written by a background thread: not on the open's path
+        if due:  # the store writes it to disk behind this call: not on the open's path
             try:
-                self._background().submit(self._persist, series_uid)
-            except RuntimeError:  # closing: flush() writes it
+                self._persist(series_uid)
+            except RuntimeError:  # the store closed meanwhile (unmounting): a lost size is learnt again
                 pass
 
     def flush(self) -> None:

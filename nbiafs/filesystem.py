@@ -296,8 +296,7 @@ class NbiaFilesystem:
             paths.discard(opening)
             if paths:
                 self.kernel.submit(paths)
-        if now:
-            assert opening is not None
+        if opening is not None and now:
             self.kernel.invalidate_now(opening)
 
     def handle(self, fh: int) -> BinaryIO:

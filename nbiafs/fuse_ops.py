@@ -125,7 +125,6 @@ class KernelInvalidator:
     MAX_UNCONFIRMED = 65536
 
     def __init__(self, invalidate=None):
-        self._fuse: int | None = None
         self._invalidate = invalidate  # (path bytes) -> 0 or -errno; libfuse's by default
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -135,7 +134,6 @@ class KernelInvalidator:
         self._retries: list[tuple[float, str]] = []  # (when, path), a heap
 
     def start(self, fuse_handle: int | None) -> None:
-        self._fuse = fuse_handle
         if self._invalidate is None and fuse_handle:
             self._invalidate = functools.partial(_libfuse.fuse_invalidate_path, fuse_handle)
         if self._invalidate is not None and self._thread is None:
@@ -147,7 +145,6 @@ class KernelInvalidator:
             self._queue.put(None)
             self._thread.join(timeout=5)
             self._thread = None
-        self._fuse = None
 
     def submit(self, paths) -> threading.Event | None:
         if self._thread is None:
