@@ -493,6 +493,22 @@ class Catalog:
             except RuntimeError:  # the store closed meanwhile (unmounting): a lost size is learnt again
                 pass
 
+    def record_exact_sizes(self, series_uid: str, sizes: dict[str, int]) -> None:
+        """Remember the exact sizes of many instances of a series at once (a source listed
+        them before fetching); written to disk at once, behind the caller."""
+        self._exact_sizes(series_uid)  # loaded
+        with self._lock:
+            known = self._exact[series_uid]
+            if all(known.get(sop) == size for sop, size in sizes.items()):
+                return
+            known.update(sizes)
+            self._exact_versions[series_uid] = self._exact_versions.get(series_uid, 0) + 1
+            self._dirty.add(series_uid)
+        try:
+            self._persist(series_uid)
+        except RuntimeError:  # the store closed meanwhile (unmounting)
+            pass
+
     def flush(self) -> None:
         """Write every exact size not yet on disk (at unmount)."""
         with self._lock:

@@ -132,6 +132,15 @@ def _add_mount(sub, defaults: dict) -> argparse.ArgumentParser:
                    help="a second-level cache in S3-compatible storage shared by a cluster's mounts, so each "
                         "instance is fetched from the archive once; endpoint and credentials as boto3 takes "
                         "them (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
+    p.add_argument("--source", choices=["auto", "tcia", "idc"], default="auto",
+                   help="where instance bytes come from: auto (default): IDC's public S3 mirror for the series "
+                        "it holds byte for byte, verified against TCIA's md5 (used for TCIA's own servers, or "
+                        "when --idc-index is given), TCIA otherwise; tcia: never S3; idc: as auto, for any "
+                        "archive, and the mount refuses to start without IDC's series index")
+    p.add_argument("--idc-index", metavar="FILE.parquet",
+                   help="IDC's series index (idc_index.parquet; default: the one of the installed "
+                        "idc-index-data, pip install 'nbiafs[idc]'); S3 endpoint as boto3 takes it "
+                        "(AWS_ENDPOINT_URL_S3)")
     p.add_argument("-o", dest="options", action="append", metavar="OPT[=VAL],…",
                    help="options as in fstab, e.g. -o cache_size=50G,timeout=30,allow_other")
     p.add_argument("--config", metavar="FILE", help="settings file (default: ~/.config/nbiafs/config.toml)")
@@ -261,6 +270,7 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
 
     from nbiafs.api.client import API_CHOICES, PRESETS, ClientConfig
     from nbiafs.config import CacheConfig, MountConfig, parse_size
+    from nbiafs.idc import MirrorConfig
     from nbiafs.prefetch import PrefetchConfig
 
     try:
@@ -305,13 +315,21 @@ def mount_config(args, root_url: str | None = None, cache_dir=None):
             shared_cache = parse_tier_url(args.shared_cache)
         except ValueError as exc:
             raise CliError(f"--shared-cache: {exc}") from None
+    source = getattr(args, "source", "auto")
+    if source not in ("auto", "tcia", "idc"):  # from a config file or -o, which argparse does not check
+        raise CliError(f"source = {source!r}: use auto, tcia or idc")
+    idc_index = getattr(args, "idc_index", None)
+    if idc_index and source == "tcia":
+        raise CliError("--idc-index has no use with --source tcia")
+    mirror = MirrorConfig(source=source, index=Path(idc_index).expanduser().absolute() if idc_index else None)
     return MountConfig(mountpoint=Path(args.mountpoint).expanduser().absolute(),
                        client=client, cache=cache, prefetch=prefetch,
                        user=args.user, foreground=args.foreground, allow_other=args.allow_other,
                        collections=tuple(getattr(args, "collection", ()) or ()),
                        modalities=tuple(getattr(args, "modality", ()) or ()),
                        manifest_series=manifest, cart=getattr(args, "cart", None),
-                       names=names, previews=getattr(args, "previews", False), shared_cache=shared_cache)
+                       names=names, previews=getattr(args, "previews", False), shared_cache=shared_cache,
+                       mirror=mirror)
 
 
 def run_mount(args) -> int:

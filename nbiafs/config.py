@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbiafs.api.client import ClientConfig
+from nbiafs.idc import MirrorConfig
 from nbiafs.prefetch import PrefetchConfig
 from nbiafs.tier import TierConfig
 
@@ -67,3 +68,4 @@ class MountConfig:
     names: str = "uid"               # --names: study and series folders by UID or readable
     previews: bool = False           # --previews: .preview.png in each series folder
     shared_cache: TierConfig | None = None  # --shared-cache s3://BUCKET/PREFIX: the cluster's second level
+    mirror: MirrorConfig = MirrorConfig()    # --source, --idc-index: IDC's S3 mirror of TCIA

@@ -39,6 +39,28 @@ def sop_instance_uid(f: BinaryIO) -> str | None:
     return uid or None
 
 
+def instance_uid_of_head(head: bytes) -> str | None:
+    """The instance UID named by the first bytes of a DICOM Part-10 file: the file meta's
+    MediaStorageSOPInstanceUID (0002,0003), else (0008,0018) where these bytes hold it; None
+    when neither is in them (or they are not DICOM)."""
+    if head[128:132] != b"DICM":
+        return None
+    pos = 132
+    try:
+        while pos + 8 <= len(head):  # file meta: always explicit VR little endian
+            group, elem, vpos, length = _element(head, pos, True)
+            if group != 0x0002:
+                break
+            if elem == 0x0003:
+                if vpos + length > len(head):
+                    return None
+                return head[vpos:vpos + length].rstrip(b"\0 ").decode("ascii") or None
+            pos = vpos + length
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return _walk(head)
+
+
 def _element(head: bytes, pos: int, explicit: bool):
     """(group, element, value offset, value length) of the element at `pos`."""
     group, elem = struct.unpack_from("<HH", head, pos)

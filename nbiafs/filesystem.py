@@ -41,6 +41,8 @@ BLOCK = 4096
 XATTR_PREFIX = "user.nbia."
 STATE_XATTR = "user.nbiafs.cached"
 PREVIEW_XATTR = "user.nbiafs.preview_of"  # the SOPInstanceUID a preview shows
+SOURCE_XATTR = "user.nbia.source"       # where a cached instance came from: idc or tcia
+LICENSE_XATTR = "user.nbia.license"     # a series' licence: IDC's index, else the archive's LicenseName
 
 
 class NoAttribute(NbiaError):
@@ -163,6 +165,7 @@ class NbiaFilesystem:
                 rendered = self.catalog.store.get(preview_key(node))
                 size, exact = (rendered, True) if rendered is not None else (0, False)
             else:
+                self.source.settle(node.series_uid)  # a route being worked out brings exact sizes
                 size, exact = self.catalog.instance_size(node)
             if not exact:
                 with self._handles_lock:
@@ -194,8 +197,10 @@ class NbiaFilesystem:
         # listing (no READDIRPLUS attributes), so no size is told, and none need be worked out.
         entries = [(name, self.entry(child)) for name, child in self.catalog.children(node).items()]
         self.catalog.listed(node)
-        if node.kind == SERIES and self.prefetcher is not None:
-            self.prefetcher.folder_listed(node.series_uid, self.prefetcher.pattern.reader_of(tid))
+        if node.kind == SERIES:
+            self.source.prepare(node.series_uid)
+            if self.prefetcher is not None:
+                self.prefetcher.folder_listed(node.series_uid, self.prefetcher.pattern.reader_of(tid))
         return entries
 
     # ------------------------------------------------------------------ files
@@ -281,6 +286,12 @@ class NbiaFilesystem:
         self.catalog.record_exact_size(series_uid, sop_uid, size)
         self._invalidate_estimates(series_uid, opening)
 
+    def record_exact_sizes(self, series_uid: str, sizes: dict[str, int]) -> None:
+        """Many exact sizes of a series are known before any is fetched (IDC's listing): the
+        kernel forgets the estimates it holds of them."""
+        self.catalog.record_exact_sizes(series_uid, sizes)
+        self._invalidate_estimates(series_uid)
+
     def _invalidate_estimates(self, series_uid: str, opening: str | None = None) -> None:
         """The series' paths told an estimate are invalidated in the background, except
         `opening`, the path being opened: the kernel may hold an estimate of it if it was told
@@ -335,8 +346,16 @@ class NbiaFilesystem:
                 record.update(TotalSizeInBytes=size[0], ObjectCount=size[1])
         out = {XATTR_PREFIX + key.replace(" ", "_"): _text(value) for key, value in record.items()
                if value is not None and value != ""}
+        if node.kind in (SERIES, INSTANCE):
+            license_name = (self.source.license(node.series_uid)
+                            or self.catalog.series_record(node).get("LicenseName"))
+            if license_name:
+                out[LICENSE_XATTR] = license_name
         if node.kind == INSTANCE:
-            out[STATE_XATTR] = "yes" if self.cache.contains(key_of(node.series_uid, node.sop_uid)) else "no"
+            cached = self.cache.contains(key_of(node.series_uid, node.sop_uid))
+            out[STATE_XATTR] = "yes" if cached else "no"
+            if cached:
+                out[SOURCE_XATTR] = self.source.origin(node.series_uid, node.sop_uid)
         elif node.kind == PREVIEW:
             out = {PREVIEW_XATTR: node.sop_uid,
                    STATE_XATTR: "yes" if self.cache.contains(preview_key(node)) else "no"}

@@ -29,7 +29,9 @@ from nbiafs.catalog import Catalog, Selection
 from nbiafs.config import MountConfig
 from nbiafs.errors import (ArchiveUnavailable, AuthenticationFailed, NbiaError, NoSuchApi, NotAuthorized,
                            UntrustedCertificate)
+from nbiafs import idc, idcindex
 from nbiafs.filesystem import NbiaFilesystem
+from nbiafs.idc import IdcMirror
 from nbiafs.metastore import MetadataStore
 from nbiafs.prefetch import Prefetcher
 from nbiafs.sources import InstanceSource
@@ -110,6 +112,7 @@ class Mount:
         self._scope_lock: int | None = None
         self._status: StatusSources | None = None
         self.tier: SharedTier | None = None
+        self.mirror: IdcMirror | None = None
         self._tier_record: TierRecord | None = None
         self._guest: GuestView | None = None
         self.served = False  # FUSE init ran: the mount was up
@@ -151,7 +154,10 @@ class Mount:
                           selection=self._selection(config, client, store), names=config.names,
                           previews=config.previews)
         tier = self.tier = self._shared_tier(config, client, scope)
-        source = InstanceSource(client, cache, tier, exact_size=catalog.exact_size)
+        fs: NbiaFilesystem  # made below; the sources and the prefetch tell it of exact sizes
+        mirror = self.mirror = self._idc_mirror(config, client, store, catalog,
+                                                lambda uid, sizes: fs.record_exact_sizes(uid, sizes))
+        source = InstanceSource(client, cache, tier, exact_size=catalog.exact_size, mirror=mirror)
         prefetcher = self.prefetcher = Prefetcher(cache, client, config.prefetch,
                                                   on_stored=lambda *stored: fs.record_exact_size(*stored),
                                                   source=source)
@@ -159,7 +165,7 @@ class Mount:
         self._status = StatusSources(config.mountpoint, config.client.root_url, api,
                                      client.user, scope, time.time(), client, cache,
                                      prefetcher if config.prefetch.enabled else None, fs.errors, tier,
-                                     catalog.ahead)
+                                     catalog.ahead, mirror)
         return fs
 
     def _shared_tier(self, config: MountConfig, client: NbiaClient, scope: Path) -> SharedTier | None:
@@ -175,6 +181,40 @@ class Mount:
             raise MountError(str(exc)) from None
         self._tier_record = TierRecord(scope, config.shared_cache.url, tier.stats)
         return tier
+
+    @staticmethod
+    def _idc_mirror(config: MountConfig, client: NbiaClient, store: MetadataStore, catalog: Catalog,
+                    on_sizes) -> IdcMirror | None:
+        """IDC's mirror, when this mount uses it (`idc.wanted`), with its series index reduced
+        (once, at first use) beside the caches."""
+        wanted = idc.wanted(config.mirror, config.client.root_url, config.mirror.index is not None)
+        if not wanted:
+            return None
+        path = config.mirror.index or idcindex.default_index()
+        if path is None:
+            if config.mirror.source == "idc":
+                raise MountError("--source idc needs IDC's series index: pip install 'nbiafs[idc]' "
+                                 "(idc-index-data), or give one with --idc-index")
+            log.warning("IDC's series index is not installed (pip install 'nbiafs[idc]'): every series "
+                        "comes from TCIA")
+            return None
+        if (client.api or "v4") != "v4":
+            message = (f"IDC's mirror is checked against TCIA's md5 of each instance, which API "
+                       f"{client.api} does not give")
+            if config.mirror.source == "idc":
+                raise MountError(f"--source idc: {message}; mount with --api v4")
+            log.warning("%s: every series comes from TCIA", message)
+            return None
+        try:
+            if not path.is_file():
+                raise idcindex.IndexUnusable(f"IDC series index {path}: no such file")
+            if not idcindex.reduced_path(path, config.cache.root / "idc").is_file():
+                log.warning("preparing IDC's series index %s for lookups (once; the full index takes ~10 s)", path)
+            index = idcindex.SeriesIndex(idcindex.ensure_reduced(path, config.cache.root / "idc"))
+        except idcindex.IndexUnusable as exc:
+            raise MountError(str(exc)) from None
+        return IdcMirror(config.mirror, index, store, tcia_size=catalog.series_size, tcia_sops=catalog.instances,
+                         md5_of=lambda sop: client.md5_request(sop, always=True), on_sizes=on_sizes)
 
     @staticmethod
     def _selection(config: MountConfig, client: NbiaClient, store: MetadataStore) -> Selection:
@@ -250,6 +290,12 @@ class Mount:
                      stats["hits"], stats["puts"], stats["rejected"], stats["errors"])
         if self._tier_record is not None:
             self._tier_record.stop()
+        if self.mirror is not None:
+            stats = self.mirror.stats
+            log.info("IDC's mirror: %d instances read from it (%d series), %d from TCIA; %d series and %d "
+                     "instances sent to TCIA", stats["files"], stats["series_idc"], stats["tcia_files"],
+                     stats["series_tcia"], stats["instances_tcia"])
+            self.mirror.close()
         if self._guest is not None:
             self._guest.close()
         if self.fs is not None:

@@ -124,7 +124,7 @@ class Prefetcher:
         self._threads: list[threading.Thread] = []
         self.stats = {"zip_instances": 0, "single_instances": 0, "zips": 0, "zip_failures": 0,
                       "zip_md5_checked": 0, "zip_md5_mismatches": 0, "zip_without_md5": 0,
-                      "zips_abandoned": 0, "zip_entries_dropped": 0, "tier_instances": 0,
+                      "zips_abandoned": 0, "zip_entries_dropped": 0, "tier_instances": 0, "idc_instances": 0,
                       "followed_instances": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -261,15 +261,61 @@ class Prefetcher:
         rest = [s for s in candidates if key_of(uid, s) not in cached]
         if not rest:
             return
+        mirror = self.source.mirror
+        if mirror is not None and mirror.usable() and mirror.mirrored(uid):
+            # Claimed at once (the next opens wait for the plan), then read from IDC's mirror,
+            # many GETs at once; what it cannot give comes from the shared tier or the archive.
+            claimed = self.cache.claim(key_of(uid, s) for s in rest)
+            threading.Thread(target=self._plan_with_mirror, args=(state, rest, claimed, series_bytes),
+                             name="nbia-prefetch-idc", daemon=True).start()
+            return
+        self._without_mirror(state, rest, None, series_bytes)
+
+    def _without_mirror(self, state: _SeriesState, rest: list[str], claimed: set[str] | None,
+                        series_bytes: int) -> None:
+        """The rest of a series from the shared tier (where configured) and the archive."""
+        uid = state.series_uid
         tier = self.source.tier
         if tier is not None and tier.usable():
             # Claimed at once (the next opens wait for the plan, as for a zip), then planned beside
             # them: what the shared tier holds comes from there, the archive is asked for the rest.
-            claimed = self.cache.claim(key_of(uid, s) for s in rest)
+            if claimed is None:
+                claimed = self.cache.claim(key_of(uid, s) for s in rest)
             threading.Thread(target=self._plan_with_tier, args=(state, rest, claimed, series_bytes),
                              name="nbia-prefetch-tier", daemon=True).start()
             return
-        self._from_archive(state, rest, None, series_bytes)
+        self._from_archive(state, rest, claimed, series_bytes)
+
+    def _plan_with_mirror(self, state: _SeriesState, rest: list[str], claimed: set[str], series_bytes: int) -> None:
+        """What IDC's mirror verifiably holds comes from there, `workers` GETs at once, each
+        stored as it lands, in name order; the rest (a series routed to TCIA, an instance that
+        failed a check) goes on as without the mirror."""
+        uid = state.series_uid
+        mirror = self.source.mirror
+        try:
+            route = mirror.route(uid) if mirror is not None else None
+            from_idc = [s for s in rest if s in route.objects] if route is not None and route.where == "idc" else []
+            left: list[str] = []
+            if from_idc and mirror is not None:
+                log.debug("prefetching series %s: %d instances from IDC's mirror", uid, len(from_idc))
+                left = mirror.get_many(uid, from_idc, self.cache.held_file,
+                                       self._tier_deliver(uid, claimed, "idc_instances"),
+                                       lambda: self._stop.is_set() or self._idle(state))
+            taken = set(from_idc) - set(left)
+            others = [s for s in rest if s not in taken]
+        except Exception:  # never leave instances claimed: their opens would wait forever
+            log.exception("series %s: reading it from IDC's mirror failed", uid)
+            for key in claimed:
+                self.cache.release(key)
+            return
+        keys = {key_of(uid, s) for s in others} & claimed
+        for key in claimed - keys:
+            self.cache.release(key)
+        if not others or state.cancelled.is_set() or self._stop.is_set():
+            for key in keys:
+                self.cache.release(key)
+            return
+        self._without_mirror(state, others, keys, series_bytes)
 
     def _from_archive(self, state: _SeriesState, rest: list[str], claimed: set[str] | None,
                       series_bytes: int) -> None:
@@ -359,7 +405,7 @@ class Prefetcher:
                              lambda sop: self.source.exact_size(uid, sop),
                              lambda: self._stop.is_set() or self._idle(state))
 
-    def _tier_deliver(self, uid: str, claimed: set[str]) -> Callable[[str, str], None]:
+    def _tier_deliver(self, uid: str, claimed: set[str], counter: str = "tier_instances") -> Callable[[str, str], None]:
         def deliver(sop: str, path: str) -> None:
             key = key_of(uid, sop)
             size = os.path.getsize(path)
@@ -371,7 +417,7 @@ class Prefetcher:
             if key in stored:
                 claimed.discard(key)
                 self._on_stored(uid, sop, size)
-                self.stats["tier_instances"] += 1
+                self.stats[counter] += 1
                 self._stored_ahead(key)
         return deliver
 
@@ -515,7 +561,7 @@ class Prefetcher:
                     if key in stored:
                         claimed.discard(key)
                         self._on_stored(uid, sop, size)
-                        self.source.sent_by_archive(uid, sop)
+                        self.source.sent_by_archive(uid, sop, size)
                         self._stored_ahead(key)
                         self.stats["zip_instances"] += 1
                         self.stats["zip_md5_checked" if md5s is not None else "zip_without_md5"] += 1

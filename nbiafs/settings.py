@@ -39,7 +39,7 @@ MOUNT_SETTINGS = {
     "url": "str", "api": "str", "user": "str", "cache_dir": "str", "cache_size": "str",
     "insecure": "bool", "timeout": "float", "log_level": "str", "log_file": "str",
     "connections": "int", "no_prefetch": "bool", "no_verify_md5": "bool", "allow_other": "bool", "foreground": "bool",
-    "names": "str", "previews": "bool", "shared_cache": "str",
+    "names": "str", "previews": "bool", "shared_cache": "str", "source": "str", "idc_index": "str",
     "collection": "list", "modality": "list", "manifest": "str", "cart": "str",
 }
 IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail",

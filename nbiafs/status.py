@@ -26,6 +26,7 @@ from nbiafs import __version__
 if TYPE_CHECKING:
     from nbiafs.api.client import NbiaClient
     from nbiafs.blobcache import InstanceCache
+    from nbiafs.idc import IdcMirror
     from nbiafs.prefetch import Prefetcher
     from nbiafs.tier import SharedTier
     from nbiafs.walk import ListingQueue
@@ -85,6 +86,7 @@ class StatusSources:
     errors: ErrorLog
     tier: SharedTier | None = None
     ahead: ListingQueue | None = None  # listings fetched ahead of walks
+    mirror: IdcMirror | None = None    # IDC's S3 mirror, when used
 
 
 def render_status(src: StatusSources) -> str:
@@ -120,6 +122,8 @@ def render_status(src: StatusSources) -> str:
                      f"{a.dropped} dropped (their walk had ended)")
     if src.tier is not None:
         lines.append(f"shared:     {_tier_line(src.tier)}")
+    if src.mirror is not None:
+        lines.append(f"idc:        {src.mirror.status_line()}")
     integrity = _integrity(src)
     if integrity is not None:
         lines.append(f"integrity:  {integrity}")

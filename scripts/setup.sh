@@ -33,7 +33,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[codecs,test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[codecs,test,idc]'
 
 # `nbiafs` and `mount.fuse.nbiafs` on the PATH of every new shell: links to this checkout's
 # .venv in /usr/local/bin as root, in ~/.local/bin otherwise (on the PATH of Debian's and

