@@ -213,8 +213,10 @@ class Mount:
             index = idcindex.SeriesIndex(idcindex.ensure_reduced(path, config.cache.root / "idc"))
         except idcindex.IndexUnusable as exc:
             raise MountError(str(exc)) from None
-        return IdcMirror(config.mirror, index, store, tcia_size=catalog.series_size, tcia_sops=catalog.instances,
-                         md5_of=lambda sop: client.md5_request(sop, always=True), on_sizes=on_sizes)
+        mirror = IdcMirror(config.mirror, index, store, tcia_size=catalog.series_size, tcia_sops=catalog.instances,
+                           md5_of=lambda sop: client.md5_request(sop, always=True), on_sizes=on_sizes)
+        mirror.connect()
+        return mirror
 
     @staticmethod
     def _selection(config: MountConfig, client: NbiaClient, store: MetadataStore) -> Selection:
@@ -269,6 +271,7 @@ class Mount:
             self._cache.start()
         if self.tier is not None:
             self.tier.start()
+
         if self._tier_record is not None:
             self._tier_record.start()
 

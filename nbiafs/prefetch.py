@@ -298,8 +298,7 @@ class Prefetcher:
             left: list[str] = []
             if from_idc and mirror is not None:
                 log.debug("prefetching series %s: %d instances from IDC's mirror", uid, len(from_idc))
-                left = mirror.get_many(uid, from_idc, self.cache.held_file,
-                                       self._tier_deliver(uid, claimed, "idc_instances"),
+                left = mirror.get_many(uid, from_idc, self.cache.held_file, self._batch_deliver(uid, claimed),
                                        lambda: self._stop.is_set() or self._idle(state))
             taken = set(from_idc) - set(left)
             others = [s for s in rest if s not in taken]
@@ -418,6 +417,23 @@ class Prefetcher:
                 claimed.discard(key)
                 self._on_stored(uid, sop, size)
                 self.stats[counter] += 1
+                self._stored_ahead(key)
+        return deliver
+
+    def _batch_deliver(self, uid: str, claimed: set[str]) -> Callable[[list[tuple[str, str]]], None]:
+        """Store instances from IDC's mirror, several at a time, in the order given."""
+        def deliver(items: list[tuple[str, str]]) -> None:
+            sizes = {key_of(uid, sop): (sop, os.path.getsize(path)) for sop, path in items}
+            try:
+                stored = self.cache.deliver_many((key_of(uid, sop), path) for sop, path in items)
+            except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: unmounting, the cache closed
+                log.warning("series %s: instances from IDC's mirror could not be stored (%s)", uid, exc)
+                return
+            for key in stored:
+                sop, size = sizes[key]
+                claimed.discard(key)
+                self._on_stored(uid, sop, size)
+                self.stats["idc_instances"] += 1
                 self._stored_ahead(key)
         return deliver
 
