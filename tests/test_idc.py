@@ -110,16 +110,16 @@ def images_sent(archive, series) -> int:
 
 def objects_of(mirror, series, requests) -> list:
     """The proxy's requests for this series' objects (its prefix, from the index)."""
-    import pyarrow.parquet as pq
-    rows = pq.read_table(str(mirror.index)).to_pylist()
-    prefix = next(r["crdc_series_uuid"] for r in rows if r["SeriesInstanceUID"] == series.uid)
+    prefix = _prefix(mirror, series)
     return [r for r in requests if prefix in r[1] or prefix in r[2]]
 
 
 def test_a_mirrored_series_comes_from_idc_with_exact_sizes_and_nothing_from_tcia(fresh, nbia_archive,
                                                                                    mount_factory):
     series = fresh.parts["same"]
-    m = idc_mount(mount_factory, nbia_archive, fresh)
+    # Credentials that the store does not know: a signed request would be refused.
+    m = idc_mount(mount_factory, nbia_archive, fresh, env={"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN",
+                                                          "AWS_SECRET_ACCESS_KEY": "not-a-secret"})
     folder = m.path(series_path(series))
     names = sorted(os.listdir(folder))
     # Exact from the first stat: the listing started the route, the stat waited for it.
@@ -209,6 +209,21 @@ def _holds(mirror, path: str, inst) -> bool:
     bucket, key = path.lstrip("/").split("/", 1)
     head = mirror.store.client().get_object(Bucket=bucket, Key=key, Range="bytes=0-8191")["Body"].read()
     return inst.sop_uid.encode() in head
+
+
+def test_a_listing_refused_sends_the_series_to_tcia(fresh, nbia_archive, mount_factory):
+    series = fresh.parts["listing"]  # any series of the index: the listing of its prefix is refused
+    fresh.proxy.fault(_prefix(fresh, series), "403")
+    m = idc_mount(mount_factory, nbia_archive, fresh)
+    assert copy(m, series) == truth(series)
+    line = idc_status(m)
+    assert "refused 1" in line and "1 sent to TCIA" in line and line.startswith("idc:        up"), line
+
+
+def _prefix(mirror, series) -> str:
+    import pyarrow.parquet as pq
+    rows = pq.read_table(str(mirror.index)).to_pylist()
+    return next(r["crdc_series_uuid"] for r in rows if r["SeriesInstanceUID"] == series.uid)
 
 
 def test_a_remount_lists_nothing_and_reads_no_headers(fresh, nbia_archive, mount_factory, tmp_path):

@@ -3,7 +3,7 @@ what a real S3 engine never does on loopback (cut a body short, flip a byte in t
 refuse one object, fall silent, go away), on demand, per object.
 
     proxy = S3FaultProxy(store.endpoint).start()
-    proxy.fault(key_part, "truncate" | "flip" | "403" | "404" | "503" | "stall")
+    proxy.fault(part, "truncate" | "flip" | "403" | "404" | "503" | "stall")  # part of path or query
     proxy.down = True          # every connection closed at once: unreachable
     proxy.requests             # (method, path, query, range) of each request seen
 
@@ -90,7 +90,7 @@ class S3FaultProxy:
             h.close_connection = True
             h.connection.close()
             return
-        action = self._action(path)
+        action = self._action(h.path)  # the path and its query (a listing names its prefix there)
         if action == "stall":
             self._released.wait(STALL_S)
             h.close_connection = True
