@@ -508,8 +508,12 @@ class IdcMirror:
             if stopped() or not self.usable():
                 return None
             with into() as f:
-                size = self.get(series_uid, sop_uid, f)
                 path = f.name
+                try:
+                    size = self.get(series_uid, sop_uid, f)
+                except Exception:  # noqa: BLE001 - a bug here must not keep TCIA from sending it
+                    log.exception("IDC's mirror failed on %s", sop_uid)
+                    size = None
             if size is None:
                 os.unlink(path)
                 return None

@@ -13,11 +13,14 @@ not (the mirror is itself shared).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import BinaryIO, Callable
 
 from nbiafs.blobcache import InstanceCache
 from nbiafs.idc import IdcMirror
 from nbiafs.tier import SharedTier
+
+log = logging.getLogger(__name__)
 
 
 def key_of(series_uid: str, sop_uid: str) -> str:
@@ -44,7 +47,13 @@ class InstanceSource:
             dest.seek(0)
             dest.truncate()
         if self.mirror is not None:
-            size = self.mirror.get(series_uid, sop_uid, dest)
+            try:
+                size = self.mirror.get(series_uid, sop_uid, dest)
+            except OSError:
+                raise  # the local disk: the archive's bytes could not be written either
+            except Exception:  # noqa: BLE001 - an accelerator's bug must not fail a read TCIA can serve
+                log.exception("IDC's mirror failed on %s; reading it from the archive", sop_uid)
+                size = None
             if size is not None:
                 return size
             dest.seek(0)
