@@ -249,6 +249,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--shared-cache", action="store_true",
                    help="also start a local S3 object store (SeaweedFS) and mount with it as the shared "
                         "second-level cache, as the nodes of a cluster do")
+    p.add_argument("--idc", action="store_true",
+                   help="also start a local S3 object store (SeaweedFS) holding a copy of the demo's series "
+                        "laid out as IDC's public mirror of TCIA (one left out), and mount with --source auto "
+                        "and its index: files come from it where they are the archive's bytes")
     p.add_argument("--log-level", default="WARNING", metavar="LEVEL")
     p.set_defaults(func=run_demo)
 
@@ -366,7 +370,11 @@ def run_demo(args) -> int:
     args.url, args.api, args.user, args.cache_dir, args.cache_size = archive.url, "auto", None, None, "1G"
     args.foreground, args.allow_other, args.timeout, args.previews = True, False, None, True
     wants_store, args.shared_cache = args.shared_cache, None
+    args.source, args.idc_index = "auto", None
+    mirror = None
     try:
+        if getattr(args, "idc", False):
+            mirror, args.idc_index = _demo_mirror(archive)
         if wants_store:
             from nbiafs.archive.objectstore import LocalObjectStore
             print("Starting a local S3 object store (SeaweedFS) for the shared cache...", file=sys.stderr, flush=True)
@@ -381,14 +389,18 @@ def run_demo(args) -> int:
         if store is not None:
             print(f"The shared cache is {args.shared_cache} at {store.endpoint}: the status shows what came "
                   "from it and what was put into it.", flush=True)
+        if mirror is not None:
+            print(f"IDC's mirror (a local copy) is at {mirror.endpoint}: read a series, then see its files' "
+                  "user.nbia.source (getfattr -d FILE) and the status view's idc: line.", flush=True)
         run(config)
     except MountError as exc:
         raise CliError(str(exc)) from None
     finally:
         archive.stop()
-        if store is not None:
-            store.stop()
-            shutil.rmtree(store.directory, ignore_errors=True)
+        for started in (store, mirror):
+            if started is not None:
+                started.stop()
+                shutil.rmtree(started.directory, ignore_errors=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
         removed = False
         if created:
@@ -401,6 +413,35 @@ def run_demo(args) -> int:
           f"archive, deleted its cache {cache_dir}; the demo archive stays in {archive.index.files_root} for next time",
           file=sys.stderr)
     return 0
+
+
+def _demo_mirror(archive):
+    """A SeaweedFS holding the demo's public series as IDC's mirror lays them out (the last one
+    left out: it comes from the archive), and their index; the S3 endpoint goes to boto3
+    through the environment (never argv)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from nbiafs.archive.idcmirror import put_series, write_index
+    from nbiafs.archive.objectstore import LocalObjectStore
+
+    print("Starting a local copy of IDC's S3 mirror (SeaweedFS)...", file=sys.stderr, flush=True)
+    try:
+        store = LocalObjectStore(Path(tempfile.mkdtemp(prefix="nbiafs-demo-idc-")), bucket="idc-open-data-demo",
+                                 anonymous_read=True).start()
+    except RuntimeError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    try:
+        s3 = store.client()
+        series = sorted(archive.index.iter_series("nbia_guest"), key=lambda s: s.uid)
+        rows = [put_series(s3, store.bucket, s) for s in series[:-1]]
+        index = write_index(rows, store.directory / "idc_index.parquet")
+    except Exception:
+        store.stop()
+        raise
+    os.environ["AWS_ENDPOINT_URL_S3"] = store.endpoint
+    return store, str(index)
 
 
 def demo_instructions(archive, mountpoint, names: str = "readable") -> str:

@@ -596,7 +596,8 @@ class ObjectReads:
         self._base = endpoint_url.rstrip("/")
         self._errors = (urllib3.exceptions.HTTPError, OSError)
         self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=config.workers + 8, retries=False, ca_certs=certifi.where(),
+            num_pools=4, maxsize=config.workers + 8, retries=False,
+            ca_certs=os.environ.get("AWS_CA_BUNDLE") or certifi.where(),  # as botocore picks its CAs
             timeout=urllib3.Timeout(connect=config.connect_timeout_s, read=config.read_timeout_s))
 
     @contextlib.contextmanager

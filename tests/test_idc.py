@@ -312,3 +312,27 @@ def test_an_index_that_is_not_idcs_is_one_line(tmp_path, nbia_archive):
     pq.write_table(pa.table({"SeriesInstanceUID": ["1.2.3"]}), str(bogus))
     done = _mount_cli(tmp_path, nbia_archive, "--idc-index", str(bogus))
     assert done.returncode != 0 and "lacks the columns crdc_series_uuid, aws_bucket" in done.stderr, done.stderr
+
+
+def test_the_demo_runs_with_a_copy_of_idcs_mirror(nbia_archive_data, tmp_path):
+    from conftest import start_demo
+    mnt = tmp_path / "demo"
+    proc = start_demo(mnt, nbia_archive_data, "--idc", "--names", "uid", stdout=subprocess.PIPE)
+    try:
+        series_folders = sorted(p for p in mnt.glob("*/*/*/*") if p.is_dir())
+        sources = {}
+        for folder in series_folders:
+            first = sorted(folder.glob("*.dcm"))[0]
+            assert first.read_bytes()[128:132] == b"DICM"
+            sources[folder.name] = os.getxattr(first, "user.nbia.source")
+        # Every series but the one left out of the copy came from it.
+        assert sorted(sources.values()).count(b"idc") == len(series_folders) - 1, sources
+        assert list(sources.values()).count(b"tcia") == 1, sources
+        status = (mnt / ".nbiafs" / "status").read_text()
+        assert f"series: {len(series_folders) - 1} from IDC" in status, status
+    finally:
+        proc.send_signal(2)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "IDC's mirror (a local copy) is at http://127.0.0.1:" in out
+    assert not subprocess.run(["pgrep", "-f", "weed server.*nbiafs-demo-idc-"], capture_output=True).stdout
