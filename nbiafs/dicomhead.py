@@ -19,6 +19,8 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 UNSUPPORTED = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
 LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 SOP_INSTANCE_UID = (0x0008, 0x0018)
+MEDIA_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID = 0x0003, 0x0010  # file meta (0002,xxxx)
+META_TEXT = frozenset({MEDIA_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID})
 
 
 def sop_instance_uid(f: BinaryIO) -> str | None:
@@ -45,20 +47,29 @@ def instance_uid_of_head(head: bytes) -> str | None:
     when neither is in them (or they are not DICOM)."""
     if head[128:132] != b"DICM":
         return None
-    pos = 132
+    meta = _file_meta(head)
+    if meta is None:
+        return None
+    if MEDIA_SOP_INSTANCE_UID in meta[0]:
+        return meta[0][MEDIA_SOP_INSTANCE_UID] or None
+    return _walk(head)
+
+
+def _file_meta(head: bytes) -> tuple[dict[int, str], int] | None:
+    """The text values of the file meta's elements wholly in `head` (by element number of
+    group 0002) and the offset after the meta; None if these bytes cannot be read so."""
+    pos, values = 132, {}
     try:
         while pos + 8 <= len(head):  # file meta: always explicit VR little endian
             group, elem, vpos, length = _element(head, pos, True)
             if group != 0x0002:
                 break
-            if elem == 0x0003:
-                if vpos + length > len(head):
-                    return None
-                return head[vpos:vpos + length].rstrip(b"\0 ").decode("ascii") or None
+            if elem in META_TEXT and vpos + length <= len(head):
+                values[elem] = head[vpos:vpos + length].rstrip(b"\0 ").decode("ascii")
             pos = vpos + length
     except (struct.error, UnicodeDecodeError):
         return None
-    return _walk(head)
+    return values, pos
 
 
 def _element(head: bytes, pos: int, explicit: bool):
@@ -72,15 +83,11 @@ def _element(head: bytes, pos: int, explicit: bool):
 
 
 def _walk(head: bytes) -> str | None:
-    pos, syntax = 132, None
+    meta = _file_meta(head)
+    if meta is None:
+        return None
+    syntax, pos = meta[0].get(TRANSFER_SYNTAX_UID), meta[1]
     try:
-        while pos + 8 <= len(head):  # file meta: always explicit VR little endian
-            group, elem, vpos, length = _element(head, pos, True)
-            if group != 0x0002:
-                break
-            if elem == 0x0010:
-                syntax = head[vpos:vpos + length].rstrip(b"\0 ").decode("ascii")
-            pos = vpos + length
         if syntax is None or syntax in UNSUPPORTED:
             return None
         explicit = syntax != IMPLICIT_LE

@@ -49,11 +49,12 @@ import cachetools
 from nbiafs.dicomhead import instance_uid_of_head
 from nbiafs.errors import NbiaError
 from nbiafs.idcindex import MirroredSeries, SeriesIndex
+from nbiafs.s3errors import error_code as _code
+from nbiafs.s3errors import error_reason as _reason
 from nbiafs.verify import refusal
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("auto", "tcia", "idc")
 # TCIA's own servers: with --source auto, the mirror is used for these (IDC mirrors TCIA only).
 TCIA_HOSTS = frozenset({"services.cancerimagingarchive.net", "nbia.cancerimagingarchive.net",
                         "public.cancerimagingarchive.net"})
@@ -646,16 +647,5 @@ def make_client(config: MirrorConfig):
 
 def _transient(code: str) -> bool:
     return code.startswith("5") or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
-
-
-def _code(exc) -> str:
-    error = getattr(exc, "response", {}).get("Error", {})
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return str(error.get("Code") or status or "?")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 

@@ -404,36 +404,27 @@ class Prefetcher:
                              lambda sop: self.source.exact_size(uid, sop),
                              lambda: self._stop.is_set() or self._idle(state))
 
-    def _tier_deliver(self, uid: str, claimed: set[str], counter: str = "tier_instances") -> Callable[[str, str], None]:
-        def deliver(sop: str, path: str) -> None:
-            key = key_of(uid, sop)
-            size = os.path.getsize(path)
-            try:
-                stored = self.cache.deliver_many([(key, path)])
-            except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: unmounting, the cache closed
-                log.warning("series %s: an instance from the shared cache could not be stored (%s)", uid, exc)
-                return
-            if key in stored:
-                claimed.discard(key)
-                self._on_stored(uid, sop, size)
-                self.stats[counter] += 1
-                self._stored_ahead(key)
-        return deliver
+    def _tier_deliver(self, uid: str, claimed: set[str]) -> Callable[[str, str], None]:
+        """Store one instance from the shared cache (its GETs hand them over one at a time)."""
+        store = self._batch_deliver(uid, claimed, "tier_instances", "the shared cache")
+        return lambda sop, path: store([(sop, path)])
 
-    def _batch_deliver(self, uid: str, claimed: set[str]) -> Callable[[list[tuple[str, str]]], None]:
-        """Store instances from IDC's mirror, several at a time, in the order given."""
+    def _batch_deliver(self, uid: str, claimed: set[str], counter: str = "idc_instances",
+                       source: str = "IDC's mirror") -> Callable[[list[tuple[str, str]]], None]:
+        """Store instances another source sent, in the order given, with one hand-over to the
+        cache: each is unclaimed, its exact size told, counted in `stats[counter]`."""
         def deliver(items: list[tuple[str, str]]) -> None:
             sizes = {key_of(uid, sop): (sop, os.path.getsize(path)) for sop, path in items}
             try:
                 stored = self.cache.deliver_many((key_of(uid, sop), path) for sop, path in items)
             except (OSError, RuntimeError, sqlite3.Error) as exc:  # RuntimeError: unmounting, the cache closed
-                log.warning("series %s: instances from IDC's mirror could not be stored (%s)", uid, exc)
+                log.warning("series %s: instances from %s could not be stored (%s)", uid, source, exc)
                 return
             for key in stored:
                 sop, size = sizes[key]
                 claimed.discard(key)
                 self._on_stored(uid, sop, size)
-                self.stats["idc_instances"] += 1
+                self.stats[counter] += 1
                 self._stored_ahead(key)
         return deliver
 

@@ -46,6 +46,8 @@ from urllib.parse import urlsplit
 
 import cachetools
 
+from nbiafs.s3errors import error_code as _code
+from nbiafs.s3errors import error_reason as _reason
 from nbiafs.verify import refusal
 
 log = logging.getLogger(__name__)
@@ -520,14 +522,3 @@ def make_client(config: TierConfig):
     if unsigned:
         options["signature_version"] = UNSIGNED
     return session.client("s3", region_name=session.region_name or "us-east-1", config=Config(**options))
-
-
-def _code(exc) -> str:
-    error = getattr(exc, "response", {}).get("Error", {})
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return str(error.get("Code") or status or "?")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
