@@ -349,7 +349,9 @@ class GuestView:
 
 
 MAX_FUSE_THREADS = 64   # libfuse3's worker threads at most (each blocked open holds one)
-IDLE_FUSE_THREADS = 16  # kept when idle (libfuse3 3.14 logs a bogus error unless it is given)
+# kept when idle: all of them, so a thread keeps its Python thread state for the mount's life
+# (fuse_ops._keep_thread_state); libfuse3 3.14 logs a bogus error unless it is given
+IDLE_FUSE_THREADS = MAX_FUSE_THREADS
 RESOLVE_CONNECTIONS = 8  # v1/v2: getSeries requests at once (TCIA's client uses up to 10)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import os
+import tempfile
 import zipfile
 
 import pydicom
@@ -60,6 +64,40 @@ def test_corrupt_data_is_detected():
     data[60] ^= 0xFF
     with pytest.raises(TruncatedZip):
         list(iter_entries(chunks(bytes(data))))
+
+
+def test_entries_larger_than_a_piece_arrive_whole_with_their_md5():
+    noisy = hashlib.sha256(b"seed").digest() * (5 * 1024 * 1024 // 32)  # 5 MiB, barely compressible
+    entries = {"big.dcm": noisy, "zeros.dcm": bytes(40 * 1024 * 1024), "small.dcm": b"x" * 10}
+    md5s: dict[str, str] = {}
+    got = {name: f.read() for name, f in iter_entries(chunks(streamed_zip(entries), 256 * 1024), md5s=md5s)}
+    assert got == entries
+    assert md5s == {name: hashlib.md5(data).hexdigest() for name, data in entries.items()}
+
+
+def test_a_reader_that_stops_leaves_no_file_but_the_ones_it_took(tmp_path):
+    """Files made as the cache makes them (kept when the reader stops after taking one,
+    removed when an entry fails or is dropped): stopping after the second entry leaves
+    exactly the two taken, though the third was already being read."""
+    @contextlib.contextmanager
+    def held_file():
+        f = tempfile.NamedTemporaryFile(dir=tmp_path, delete=False)
+        try:
+            yield f
+        except GeneratorExit:
+            raise
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    entries = {f"{i:08d}.dcm": bytes([i]) * 300_000 for i in range(1, 8)}
+    taken = []
+    for name, f in iter_entries(chunks(streamed_zip(entries), 64 * 1024), held_file):
+        assert f.read() == entries[name]
+        taken.append(f.name)
+        if len(taken) == 2:
+            break
+    assert sorted(str(p) for p in tmp_path.iterdir()) == sorted(taken)
 
 
 def test_sop_uid_explicit_and_implicit(nbia_archive):
