@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ import cachetools
 from nbiafs.dicomhead import instance_uid_of_head
 from nbiafs.errors import NbiaError
 from nbiafs.idcindex import MirroredSeries, SeriesIndex
+from nbiafs.s3errors import copy_body
 from nbiafs.s3errors import error_code as _code
 from nbiafs.s3errors import error_reason as _reason
 from nbiafs.verify import refusal
@@ -481,22 +481,10 @@ class IdcMirror:
         dest.seek(0)
         dest.truncate()
         deadline = self._clock() + self.config.get_budget_s
-        hasher = hashlib.md5()
-        size = 0
-        with self._objects_http().get(bucket, key) as r:
-            try:
-                for chunk in r.stream(CHUNK):
-                    dest.write(chunk)
-                    hasher.update(chunk)
-                    size += len(chunk)
-                    if self._clock() > deadline:
-                        raise _Down(f"one object took more than {self.config.get_budget_s:.0f} s")
-            except _Down:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the stream broke off (urllib3 checks Content-Length)
-                raise _Down(_reason(exc)) from None
+        with self._objects_http().get(bucket, key) as r:  # urllib3 checks Content-Length
+            got = copy_body(r.stream(CHUNK), dest, self._clock, deadline, self.config.get_budget_s, _Down)
         dest.flush()
-        return size, hasher.hexdigest()
+        return got
 
     def get_many(self, series_uid: str, sop_uids, into: Callable[[], contextlib.AbstractContextManager],
                  deliver: Callable[[list[tuple[str, str]]], None], stopped: Callable[[], bool]) -> list[str]:

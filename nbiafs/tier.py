@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import cachetools
 
+from nbiafs.s3errors import copy_body
 from nbiafs.s3errors import error_code as _code
 from nbiafs.s3errors import error_reason as _reason
 from nbiafs.verify import refusal
@@ -304,27 +305,17 @@ class SharedTier:
         except Exception as exc:  # noqa: BLE001 - connection and timeout errors
             raise _Down(_reason(exc)) from None
         found()
-        hasher = hashlib.md5()
-        size = 0
         body = r["Body"]
         try:
-            for chunk in body.iter_chunks(CHUNK):
-                dest.write(chunk)
-                hasher.update(chunk)
-                size += len(chunk)
-                if self._clock() > deadline:
-                    raise _Down(f"one object took more than {self.config.get_budget_s:.0f} s")
-        except _Down:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the stream broke off
-            raise _Down(_reason(exc)) from None
+            got = copy_body(body.iter_chunks(CHUNK), dest, self._clock, deadline, self.config.get_budget_s, _Down)
         finally:
             body.close()
+        size, _md5 = got
         length = r.get("ContentLength")
         if length is not None and size != length:
             raise _Down(f"object cut short ({size} of {length} bytes)")
         dest.flush()
-        return size, hasher.hexdigest()
+        return got
 
     def get_many(self, series_uid: str, sop_uids, into: Callable[[], contextlib.AbstractContextManager],
                  deliver: Callable[[str, str], None], expected_size: Callable[[str], int | None],

@@ -153,9 +153,6 @@ class _Writer:
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True)
 
-    def job(self, out: BinaryIO) -> _Job:
-        return _Job(out, self.want_md5)
-
     def put(self, job: _Job, data: bytes) -> None:
         while len(self._backlog) >= WRITER_BACKLOG:
             concurrent.futures.wait([self._backlog.popleft()])
@@ -190,16 +187,15 @@ def _inflate_next(reader: _Reader, new_file, writer: _Writer) -> _Inflated | Non
     stack = contextlib.ExitStack()
     job = None
     try:
-        job = writer.job(stack.enter_context(new_file()))
+        job = _Job(stack.enter_context(new_file()), writer.want_md5)
         _copy_data(reader, functools.partial(writer.put, job), method, flags, csize)
         if flags & 0x08:
             crc, usize = _read_descriptor(reader, zip64)
     except BaseException as exc:
         if job is not None:
             job.settle()
-        if not stack.__exit__(type(exc), exc, exc.__traceback__):
-            raise
-        raise TruncatedZip(f"entry {name}: dropped") from exc
+        stack.__exit__(type(exc), exc, exc.__traceback__)  # the file's context drops it
+        raise
     return _Inflated(name, stack, job, crc, usize)
 
 

@@ -41,6 +41,7 @@ from nbiafs.archive.idcmirror import put_series, write_index  # noqa: E402
 from nbiafs.archive.objectstore import LocalObjectStore  # noqa: E402
 from nbiafs.archive.spec import parse_spec  # noqa: E402
 from nbiafs.testing import MountedArchive  # noqa: E402
+from bench import drop_page_cache  # noqa: E402  (scripts/bench.py, beside this one)
 
 SPEC = "1x1x1x1x100@512"
 NOISE_HU = "20"
@@ -71,20 +72,6 @@ class Archive:
 
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-
-
-dropped = False
-
-
-def drop_page_cache() -> None:
-    """Drop the kernel's page cache (root only), so a read comes from the files on disk."""
-    global dropped
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        dropped = True
-    except OSError:
-        pass
 
 
 def timed(fn) -> float:
@@ -121,6 +108,7 @@ def main() -> int:
               f"({total / 1e6:.0f} MB); archive {args.mbit:g} Mbit/s, {args.latency_ms:g} ms per request; "
               f"mirror: SeaweedFS on loopback, uncapped", flush=True)
         results: dict[str, list[float]] = {"s5cmd": [], "auto": [], "tcia": [], "disk": []}
+        dropped = False
         for n in range(args.rounds):
             dest = work / f"s5cmd-{n}"
             results["s5cmd"].append(timed(lambda d=dest: subprocess.run(
@@ -142,7 +130,7 @@ def main() -> int:
                     if source == "auto":
                         assert sent == 0, f"--source auto: {sent} bytes came from the archive"
                         shutil.rmtree(dest)
-                        drop_page_cache()
+                        dropped = drop_page_cache()
                         results["disk"].append(timed(lambda m=m, d=dest: subprocess.run(
                             ["cp", "-r", str(m.mountpoint / folder), str(d)], check=True)))
                         assert digests(dest) == truth, "the copy from the disk cache differs"
