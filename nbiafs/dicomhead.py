@@ -23,6 +23,25 @@ MEDIA_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID = 0x0003, 0x0010  # file meta (0002,
 META_TEXT = frozenset({MEDIA_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID})
 
 
+class Unnamed:
+    """`f` handed to pydicom without its file name. pydicom stats a named file as it reads it
+    (for a timestamp it keeps), between a check that the name exists and the stat; a file of
+    the cache can be renamed (stored by the cache's own thread) at any moment, and that stat
+    then fails on a file that is open and whole."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def read(self, size: int = -1) -> bytes:
+        return self._f.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
 def sop_instance_uid(f: BinaryIO) -> str | None:
     """(0008,0018) of the DICOM file `f` (left at offset 0), or None if it is not DICOM."""
     f.seek(0)
@@ -33,7 +52,7 @@ def sop_instance_uid(f: BinaryIO) -> str | None:
     uid = _walk(head)
     if uid is None:
         try:
-            uid = str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            uid = str(pydicom.dcmread(Unnamed(f), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
                       .SOPInstanceUID)
         except Exception:  # noqa: BLE001 - unreadable: not an instance we can name
             uid = None

@@ -26,6 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from nbiafs.dicomhead import Unnamed
 from nbiafs.errors import NbiaError
 
 # pydicom logs every decoder that cannot decode an image as an ERROR with a traceback; the
@@ -50,7 +51,7 @@ def render(source: BinaryIO) -> bytes:
 def image_of(source: BinaryIO) -> np.ndarray:
     """The 8-bit image (grey, or RGB) of the DICOM instance read from `source`."""
     try:
-        ds = pydicom.dcmread(source)
+        ds = pydicom.dcmread(Unnamed(source))  # a cache file, which may be renamed meanwhile
     except (InvalidDicomError, ValueError, EOFError) as exc:
         raise PreviewError(f"not a DICOM file: {exc}") from None
     try:

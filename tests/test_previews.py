@@ -17,7 +17,7 @@ import pytest
 from conftest import public_series, series_path
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from nbiafs.preview import png, reduce
+from nbiafs.preview import png, reduce, render
 
 PREVIEWS = ("--previews", "--timeout", "3")
 
@@ -96,6 +96,21 @@ def test_preview_is_the_middle_instance_windowed(nbia_archive, mount_factory, tm
     assert preview.stat().st_size == len(data)  # remembered
     assert preview.read_bytes() == data
     assert nbia_archive.counters()["endpoints"].get("getSingleImage", 0) == 0
+
+
+def test_a_preview_renders_while_its_instance_file_is_renamed(nbia_archive, tmp_path, monkeypatch):
+    """The instance a preview shows is read from an open file of the cache, which the cache's
+    own thread renames (stores) at any moment. Rendering never looks at that file by name: here
+    the name is gone while a check of it still says it exists (the instant before a rename)."""
+    instance = many_instance_series(nbia_archive).instances[0]
+    part = tmp_path / "download.part"
+    part.write_bytes(Path(instance.path).read_bytes())
+    with open(part, "rb") as source:
+        part.rename(tmp_path / "stored.val")
+        monkeypatch.setattr(os.path, "exists", lambda _path: True)
+        data = render(source)
+        monkeypatch.undo()
+    assert np.abs(read_png(data).astype(int) - windowed_by_pydicom(instance.path)).max() <= 1
 
 
 def test_no_previews_by_default(mounted, nbia_archive_server):
