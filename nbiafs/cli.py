@@ -221,18 +221,20 @@ def run_cache(args) -> int:
     from pathlib import Path
 
     from nbiafs.config import CacheConfig
-    from nbiafs.status import clear_scopes, format_scopes, scopes
+    from nbiafs.status import clear_indexes, clear_scopes, format_scopes, reduced_indexes, scopes
 
     root = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else CacheConfig().root
-    infos = scopes(root)
+    infos, indexes = scopes(root), reduced_indexes(root)
     if args.action == "info":
-        sys.stdout.write(format_scopes(root, infos))
+        sys.stdout.write(format_scopes(root, infos, indexes))
         return 0
     cleared, busy = clear_scopes(infos)
-    print(f"cleared {len(cleared)} cache(s) in {root}")
-    if busy:
-        raise CliError(f"{len(busy)} cache(s) in use by a running mount were left alone: "
-                       + ", ".join(f"{s.url} ({s.user or 'anonymous'})" for s in busy))
+    gone, held = clear_indexes(indexes)
+    print(f"cleared {len(cleared)} cache(s) in {root}"
+          + (f", and {len(gone)} reduced IDC series index(es)" if gone else ""))
+    left = [f"{s.url} ({s.user or 'anonymous'})" for s in busy] + [f"IDC series index {i.path.name}" for i in held]
+    if left:
+        raise CliError(f"{len(left)} cache(s) in use by a running mount were left alone: " + ", ".join(left))
     return 0
 
 

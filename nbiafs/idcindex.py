@@ -17,6 +17,7 @@ reduction cut short leaves nothing a mount would read.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sqlite3
@@ -26,6 +27,8 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+INDEX_DIR = "idc"  # the cache directory's folder of reduced indexes, beside the scopes
 
 # The columns read from idc_index.parquet (see shared/idc-mirror.md).
 COLUMNS = ("SeriesInstanceUID", "crdc_series_uuid", "aws_bucket", "instanceCount", "series_size_MB",
@@ -175,11 +178,17 @@ class SeriesIndex:
     def __init__(self, path: Path):
         self.path = path
         try:
+            # Held (shared) while in use: `nbiafs cache clear` leaves an index in use alone.
+            self._hold = hold_index(path)
+        except OSError as exc:
+            raise IndexUnusable(f"reduced IDC series index {path}: {exc.strerror}") from None
+        try:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             self._buckets = dict(self._db.execute("SELECT id, name FROM buckets"))
             self._licenses = dict(self._db.execute("SELECT id, name FROM licenses"))
             self.rows = int(dict(self._db.execute("SELECT key, value FROM about")).get("rows", "0"))
         except sqlite3.Error as exc:
+            os.close(self._hold)
             raise IndexUnusable(f"reduced IDC series index {path} is unreadable ({exc}); delete it to reduce "
                               "the index again") from None
         self._lock = threading.Lock()  # guards _db
@@ -197,6 +206,26 @@ class SeriesIndex:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._hold)
+
+
+def hold_index(path: Path) -> int:
+    """A shared lock on a reduced index for as long as a mount uses it; the fd to close."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def index_in_use(path: Path) -> bool:
+    """Whether a running mount holds the reduced index at `path` (see `hold_index`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def main(argv: list[str]) -> int:

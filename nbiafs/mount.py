@@ -208,9 +208,9 @@ class Mount:
         try:
             if not path.is_file():
                 raise idcindex.IndexUnusable(f"IDC series index {path}: no such file")
-            if not idcindex.reduced_path(path, config.cache.root / "idc").is_file():
+            if not idcindex.reduced_path(path, config.cache.root / idcindex.INDEX_DIR).is_file():
                 log.warning("preparing IDC's series index %s for lookups (once; the full index takes ~10 s)", path)
-            index = idcindex.SeriesIndex(idcindex.ensure_reduced(path, config.cache.root / "idc"))
+            index = idcindex.SeriesIndex(idcindex.ensure_reduced(path, config.cache.root / idcindex.INDEX_DIR))
         except idcindex.IndexUnusable as exc:
             raise MountError(str(exc)) from None
         mirror = IdcMirror(config.mirror, index, store, tcia_size=catalog.series_size, tcia_sops=catalog.instances,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nbiafs import __version__
+from nbiafs.idcindex import INDEX_DIR, index_in_use
 
 if TYPE_CHECKING:
     from nbiafs.api.client import NbiaClient
@@ -270,7 +271,7 @@ def scopes(root: Path) -> list[ScopeInfo]:
     out: list[ScopeInfo] = []
     if not root.is_dir():
         return out
-    for scope in sorted(p for p in root.iterdir() if p.is_dir()):
+    for scope in sorted(p for p in root.iterdir() if p.is_dir() and p.name != INDEX_DIR):
         try:
             record = json.loads((scope / SCOPE_FILE).read_text())
         except (OSError, ValueError):
@@ -289,8 +290,42 @@ def scopes(root: Path) -> list[ScopeInfo]:
     return out
 
 
-def format_scopes(root: Path, infos: list[ScopeInfo]) -> str:
-    if not infos:
+@dataclass
+class IndexInfo:
+    """A reduced IDC series index (`--idc-index`), kept for every scope of the cache directory."""
+    path: Path
+    bytes: int
+    last_used: float
+
+
+def reduced_indexes(root: Path) -> list[IndexInfo]:
+    out = []
+    for path in sorted((root / INDEX_DIR).glob("*.sqlite")):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            out.append(IndexInfo(path, st.st_size, st.st_mtime))
+    return out
+
+
+def clear_indexes(indexes: list[IndexInfo]) -> tuple[list[IndexInfo], list[IndexInfo]]:
+    """Delete each reduced index no running mount holds; returns (cleared, in use). A temporary
+    file of a reduction under way is left alone (its mount renames it into place)."""
+    cleared, busy = [], []
+    for index in indexes:
+        try:
+            if index_in_use(index.path):
+                busy.append(index)
+                continue
+            index.path.unlink()
+        except FileNotFoundError:
+            pass
+        cleared.append(index)
+    return cleared, busy
+
+
+def format_scopes(root: Path, infos: list[ScopeInfo], indexes: list[IndexInfo] | None = None) -> str:
+    indexes = indexes or []
+    if not infos and not indexes:
         return f"{root}: no cache yet\n"
     lines = [f"{root}:"]
     for s in infos:
@@ -302,7 +337,11 @@ def format_scopes(root: Path, infos: list[ScopeInfo]) -> str:
             lines.append(f"    shared cache {tier['url']}: {tier.get('hits', 0)} instances read from it "
                          f"({tier.get('rejected', 0)} refused by the checks), {tier.get('puts', 0)} put, "
                          f"{tier.get('errors', 0) + tier.get('put_errors', 0)} errors")
-    lines.append(f"  total {human_bytes(sum(s.bytes for s in infos))}")
+    for index in indexes:
+        last = dt.datetime.fromtimestamp(index.last_used, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        lines.append(f"  {INDEX_DIR}/{index.path.name}  IDC series index (--idc-index, reduced for lookups): "
+                     f"{human_bytes(index.bytes)}, made {last}")
+    lines.append(f"  total {human_bytes(sum(s.bytes for s in infos) + sum(i.bytes for i in indexes))}")
     return "\n".join(lines) + "\n"
 
 

@@ -245,6 +245,32 @@ def test_a_remount_lists_nothing_and_reads_no_headers(fresh, nbia_archive, mount
     assert images_sent(nbia_archive, series) == 0
 
 
+def test_cache_info_and_clear_show_the_reduced_index_and_leave_it_to_its_mount(fresh, nbia_archive, mount_factory,
+                                                                             tmp_path):
+    cache = tmp_path / "cache-dir"
+    m = idc_mount(mount_factory, nbia_archive, fresh, cache_dir=cache)
+    assert os.listdir(m.path(series_path(fresh.parts["remount"])))
+
+    def cache_cli(action):
+        return subprocess.run([sys.executable, "-m", "nbiafs", "cache", action, "--cache-dir", str(cache)],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    info = cache_cli("info").stdout
+    index_line = next(line for line in info.splitlines() if "idc/" in line)
+    assert "IDC series index" in index_line and "?" not in info, info
+    assert sum("(API v4)" in line for line in info.splitlines()) == 1, info  # the one scope
+
+    held = cache_cli("clear")
+    assert held.returncode == 1 and held.stderr.count("\n") == 1, held.stderr
+    assert "IDC series index" in held.stderr and "in use by a running mount" in held.stderr
+    assert "idc/" in cache_cli("info").stdout
+    assert copy(m, fresh.parts["remount"]) == truth(fresh.parts["remount"])  # the mount goes on
+    m.stop()
+
+    done = cache_cli("clear")
+    assert done.returncode == 0 and "1 reduced IDC series index" in done.stdout, done.stdout + done.stderr
+    assert "no cache yet" in cache_cli("info").stdout
+
+
 def test_an_unreachable_mirror_sends_everything_to_tcia(fresh, nbia_archive, mount_factory):
     series = fresh.parts["down"]
     fresh.proxy.down = True
