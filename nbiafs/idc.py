@@ -500,6 +500,9 @@ class IdcMirror:
                 path = f.name
                 try:
                     size = self.get(series_uid, sop_uid, f)
+                except OSError as exc:  # the local disk (full): not the mirror's failure, nor a bug
+                    log.warning("instance %s could not be written here (%s); TCIA is asked for it", sop_uid, exc)
+                    size = None
                 except Exception:  # noqa: BLE001 - a bug here must not keep TCIA from sending it
                     log.exception("IDC's mirror failed on %s", sop_uid)
                     size = None

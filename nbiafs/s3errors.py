@@ -20,25 +20,24 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
-class _TooSlow(Exception):
-    pass
-
-
 def copy_body(chunks: Iterable[bytes], dest: BinaryIO, clock: Callable[[], float], deadline: float,
               budget_s: float, down: Callable[[str], Exception]) -> tuple[int, str]:
     """Write an object's body into `dest` as it streams in; (size, md5). A body still streaming
-    at `deadline` (`budget_s` after it was asked), or one that breaks off, raises `down(reason)`."""
+    at `deadline` (`budget_s` after it was asked), or one that breaks off, raises `down(reason)`;
+    a write that fails (the local disk full) raises its OSError: the store is not down for it."""
     hasher = hashlib.md5()
     size = 0
-    try:
-        for chunk in chunks:
-            dest.write(chunk)
-            hasher.update(chunk)
-            size += len(chunk)
-            if clock() > deadline:
-                raise _TooSlow
-    except _TooSlow:
-        raise down(f"one object took more than {budget_s:.0f} s") from None
-    except Exception as exc:  # noqa: BLE001 - the stream broke off
-        raise down(error_reason(exc)) from None
+    stream = iter(chunks)
+    while True:
+        try:
+            chunk = next(stream, None)
+        except Exception as exc:  # noqa: BLE001 - the stream broke off
+            raise down(error_reason(exc)) from None
+        if chunk is None:
+            break
+        dest.write(chunk)
+        hasher.update(chunk)
+        size += len(chunk)
+        if clock() > deadline:
+            raise down(f"one object took more than {budget_s:.0f} s")
     return size, hasher.hexdigest()

@@ -5,6 +5,7 @@ same series. Each test mounts for real and reads through the kernel."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import public_series, series_path
@@ -269,6 +271,52 @@ def test_cache_info_and_clear_show_the_reduced_index_and_leave_it_to_its_mount(f
     done = cache_cli("clear")
     assert done.returncode == 0 and "1 reduced IDC series index" in done.stdout, done.stdout + done.stderr
     assert "no cache yet" in cache_cli("info").stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB filesystem of its own (tmpfs), for a cache directory that fills up."""
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Take the free space of `disk` but `leave` bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, os.path.getsize(filler) - leave))
+    return filler
+
+
+def test_a_full_cache_disk_is_eio_and_not_an_outage_of_the_mirror(fresh, nbia_archive, mount_factory, small_disk):
+    series = fresh.parts["same"]
+    big = max(series.instances, key=lambda i: i.size)
+    m = idc_mount(mount_factory, nbia_archive, fresh, cache_dir=small_disk, extra=("--no-prefetch",))
+    folder = m.path(series_path(series))
+    assert f"{big.sop_uid}.dcm" in os.listdir(folder)  # the listing starts the route
+    assert os.stat(folder / f"{big.sop_uid}.dcm").st_size == big.size  # and the stat waits for it
+    filler = fill(small_disk, leave=big.size // 4)
+    nbia_archive.reset_counters()
+    with pytest.raises(OSError) as failed:
+        (folder / f"{big.sop_uid}.dcm").read_bytes()
+    assert failed.value.errno == errno.EIO
+    assert idc_status(m).startswith("idc:        up"), idc_status(m)
+
+    filler.unlink()
+    assert (folder / f"{big.sop_uid}.dcm").read_bytes() == big.path.read_bytes()
+    assert os.getxattr(folder / f"{big.sop_uid}.dcm", "user.nbia.source") == b"idc"
+    assert images_sent(nbia_archive, series) == 0
+    assert idc_status(m).startswith("idc:        up"), idc_status(m)
 
 
 def test_an_unreachable_mirror_sends_everything_to_tcia(fresh, nbia_archive, mount_factory):
