@@ -46,7 +46,15 @@ class _Adopt:
 
 
 class _AdoptingDisk(diskcache.Disk):
-    """diskcache's Disk, which can also take a file by renaming it into place (no copy)."""
+    """diskcache's Disk, which can also take a file by renaming it into place (no copy), and
+    keeps its files in 256 folders (diskcache's own layout has 65,536, so nearly every file it
+    stores makes a folder, and every eviction deletes one: on ext4, whose inode allocator slows
+    down as deleted inodes pile up, those folders cost more than the files)."""
+
+    def filename(self, key=diskcache.core.UNKNOWN, value=diskcache.core.UNKNOWN):
+        name = os.urandom(16).hex()
+        filename = os.path.join(name[:2], name[2:] + ".val")
+        return filename, os.path.join(self._directory, filename)
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if isinstance(value, _Adopt):

@@ -18,8 +18,16 @@ import functools
 import hashlib
 import struct
 import tempfile
+import types
 import zlib
 from typing import BinaryIO, Iterator
+
+_deflate: types.ModuleType
+try:  # ISA-L: the same inflate and CRC-32 as zlib's, in about half and a third of the time
+    from isal import isal_zlib as _deflate
+except ImportError:  # a platform without its wheels
+    _deflate = zlib
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _deflate.error)
 
 LOCAL_HEADER = b"PK\x03\x04"
 DATA_DESCRIPTOR = b"PK\x07\x08"
@@ -125,7 +133,7 @@ class _Job:
         self.out.write(data)
         if self.digest is not None:
             self.digest.update(data)
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = _deflate.crc32(data, self.crc)
         self.size += len(data)
 
     def wait(self) -> None:
@@ -225,14 +233,14 @@ def _has_zip64(extra: bytes) -> bool:
 def _copy_data(reader: _Reader, emit, method: int, flags: int, csize: int) -> None:
     """Pass an entry's content to `emit`, in pieces of PLAIN_PIECE at most."""
     if method == 8:  # deflate: the stream itself says where it ends
-        inflater = zlib.decompressobj(-15)
+        inflater = _deflate.decompressobj(-15)
         while not inflater.eof:
             data = inflater.unconsumed_tail or reader.read_some()
             if not data:
                 raise TruncatedZip("stream ended inside an entry")
             try:
                 plain = inflater.decompress(data, PLAIN_PIECE)
-            except zlib.error as exc:
+            except _INFLATE_ERRORS as exc:
                 raise TruncatedZip(f"corrupt deflate data ({exc})") from None
             if plain:
                 emit(plain)

@@ -80,7 +80,7 @@ def test_store_survives_an_eviction_removing_its_directory(tmp_path, monkeypatch
 
     def makedirs_then_evicted(path, *args, **kwargs):
         real_makedirs(path, *args, **kwargs)
-        if not removed and os.path.dirname(os.path.dirname(path)) == str(tmp_path / "blobs"):
+        if not removed and os.path.dirname(path) == str(tmp_path / "blobs"):
             os.removedirs(path)  # what a concurrent eviction in that directory does
             removed.append(path)
 
@@ -93,6 +93,22 @@ def test_store_survives_an_eviction_removing_its_directory(tmp_path, monkeypatch
     assert removed and not downloaded and again.read() == b"z" * 5000
     again.close()
     cache.close()
+
+
+def test_cached_files_share_at_most_256_folders(tmp_path):
+    """One folder level of 256 (diskcache's own layout makes a folder for nearly every file,
+    and deletes it again when the file is evicted)."""
+    cache = InstanceCache(tmp_path, max_bytes=10**8, min_free_bytes=0)
+    for i in range(600):
+        handle, downloaded = cache.open(f"s/{i}", writer(b"%d" % i))
+        assert downloaded
+        handle.close()
+    cache.close()
+    blobs = tmp_path / "blobs"
+    files = [p.relative_to(blobs) for p in blobs.rglob("*.val")]
+    assert len(files) == 600 and all(len(p.parts) == 2 for p in files)
+    folders = {p.parts[0] for p in files}
+    assert len(folders) <= 256 and all(len(name) == 2 for name in folders)
 
 
 def test_concurrent_stores_and_evictions(tmp_path):

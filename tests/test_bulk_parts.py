@@ -110,3 +110,21 @@ def test_sop_uid_explicit_and_implicit(nbia_archive):
     ds.save_as(buf, enforce_file_format=True)
     assert sop_instance_uid(buf) == ds.SOPInstanceUID
     assert sop_instance_uid(io.BytesIO(b"LICENSE text, not DICOM" * 20)) is None
+
+
+@pytest.mark.parametrize("library", ["isal", "zlib"])
+def test_either_inflater_reads_entries_and_refuses_corrupt_data(library, monkeypatch):
+    """ISA-L's inflate where its wheels exist, zlib's elsewhere: the same bytes, the same refusals."""
+    import zlib
+
+    import nbiafs.zipstream as zipstream
+    module = pytest.importorskip("isal.isal_zlib") if library == "isal" else zlib
+    monkeypatch.setattr(zipstream, "_deflate", module)
+    monkeypatch.setattr(zipstream, "_INFLATE_ERRORS", (zlib.error, module.error))
+    noisy = hashlib.sha256(b"other seed").digest() * (3 * 1024 * 1024 // 32)
+    entries = {"a.dcm": noisy, "b.dcm": b"hello world" * 1000}
+    assert {name: f.read() for name, f in iter_entries(chunks(streamed_zip(entries), 64 * 1024))} == entries
+    data = bytearray(streamed_zip({"a.dcm": b"hello world" * 1000}))
+    data[60] ^= 0xFF
+    with pytest.raises(TruncatedZip):
+        list(iter_entries(chunks(bytes(data))))
