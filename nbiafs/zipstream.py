@@ -27,7 +27,6 @@ try:  # ISA-L: the same inflate and CRC-32 as zlib's, in about half and a third 
     from isal import isal_zlib as _deflate
 except ImportError:  # a platform without its wheels
     _deflate = zlib
-_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _deflate.error)
 
 LOCAL_HEADER = b"PK\x03\x04"
 DATA_DESCRIPTOR = b"PK\x07\x08"
@@ -240,7 +239,7 @@ def _copy_data(reader: _Reader, emit, method: int, flags: int, csize: int) -> No
                 raise TruncatedZip("stream ended inside an entry")
             try:
                 plain = inflater.decompress(data, PLAIN_PIECE)
-            except _INFLATE_ERRORS as exc:
+            except _deflate.error as exc:
                 raise TruncatedZip(f"corrupt deflate data ({exc})") from None
             if plain:
                 emit(plain)

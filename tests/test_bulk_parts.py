@@ -120,7 +120,6 @@ def test_either_inflater_reads_entries_and_refuses_corrupt_data(library, monkeyp
     import nbiafs.zipstream as zipstream
     module = pytest.importorskip("isal.isal_zlib") if library == "isal" else zlib
     monkeypatch.setattr(zipstream, "_deflate", module)
-    monkeypatch.setattr(zipstream, "_INFLATE_ERRORS", (zlib.error, module.error))
     noisy = hashlib.sha256(b"other seed").digest() * (3 * 1024 * 1024 // 32)
     entries = {"a.dcm": noisy, "b.dcm": b"hello world" * 1000}
     assert {name: f.read() for name, f in iter_entries(chunks(streamed_zip(entries), 64 * 1024))} == entries
