@@ -106,8 +106,9 @@ def test_soak_readers_and_ls_for_a_minute(nbia_archive_factory, mount_factory):
     assert min(reads) > 0 and walks[0] > 0
     assert downloads.get("getSingleImage", 0) + downloads.get("getImage", 0) > len(truth)  # refetched
     assert end["rss"] <= peak["rss"] * 1.10 + (8 << 20), (peak, end)
-    # libfuse starts and ends threads with the load (a few either way); each cache's SQLite
+    # libfuse starts and ends threads with the load (a few either way), and each series zip
+    # under way has its writer thread for as long as it streams; each cache's SQLite
     # connection lives on one thread of its own, so open files follow the readers, not the
     # threads libfuse has used. A leak per read or per download would add thousands.
-    assert end["threads"] <= peak["threads"] + 4, (peak, end)
+    assert end["threads"] <= peak["threads"] + 8, (peak, end)
     assert end["fds"] <= peak["fds"] * 1.10 + 8, (peak, end)
