@@ -8,8 +8,9 @@ reaches the binding, which would report EINVAL or even unmount.
 Why libfuse3 (mfusepy, the maintained fork of fusepy, same API): it can invalidate one path's
 attributes in the kernel (`fuse_invalidate_path`), so attributes and names are cached by the
 kernel for `ATTR_TIMEOUT_S` instead of being asked of Python at every stat, open and read; and
-its `read_buf` lets a read be answered with the cache file's descriptor, so libfuse copies (or
-splices) the bytes itself and Python only says where they are.
+its `read_buf` lets a read be answered with the cache file's descriptor, so libfuse splices the
+bytes from the cache file to the kernel itself (`FUSE_CAP_SPLICE_WRITE`, asked at init: no copy
+through a buffer of libfuse's) and Python only says where they are.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ ATTR_TIMEOUT_S = 3600.0   # sizes change only from estimate to exact, and are in
 INVALIDATE_WAIT_S = 2.0   # `KernelInvalidator.wait` waits this long at most
 READ_AHEAD_KB = 1024      # the mount's readahead window: reads of 1 MiB (FUSE's max_pages)
 
+FUSE_CAP_SPLICE_WRITE = 1 << 7
+FUSE_CAP_SPLICE_MOVE = 1 << 8
 FUSE_BUF_IS_FD = 1 << 1
 FUSE_BUF_FD_SEEK = 1 << 2
 
@@ -254,7 +257,9 @@ class FuseOperations(Operations):
         self.invalidator = KernelInvalidator()
         fs.kernel = self.invalidator
 
-    def init(self, path):
+    def init_with_config(self, conn, config):
+        if conn is not None:  # reads answered from a descriptor: spliced, not copied through a buffer
+            conn.want |= conn.capable & (FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE)
         # Threads start here, after libfuse has daemonised (a fork would lose them).
         if FUSE_MAJOR >= 3:
             self.invalidator.start(_libfuse.fuse_get_context().contents.fuse)
