@@ -351,3 +351,67 @@ def test_no_password_or_token_in_logs_or_errors(nbia_archive, caplog):
     text = caplog.text + "\n".join(messages)
     for secret in secrets:
         assert secret not in text
+
+
+# --------------------------------------------------------------------------- the environment
+class _Recorder:
+    """A loopback HTTP server that answers every GET with `[]` and records the request line and
+    Authorization header of each (as a proxy sees an absolute URI in the request line)."""
+
+    def __init__(self):
+        import http.server
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                seen.append((self.requestline, self.headers.get("Authorization")))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"[]")
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_netrc_password_is_never_sent_with_guest_requests(tmp_path, monkeypatch):
+    """requests would add a ~/.netrc entry for the host as Basic auth to every request without a
+    token; nbiafs reads ~/.netrc only to log in a named user."""
+    archive = _Recorder()
+    try:
+        netrc = tmp_path / ".netrc"
+        netrc.write_text("machine 127.0.0.1 login someone password s3cret-in-netrc\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("NETRC", str(netrc))
+        with NbiaClient(ClientConfig(root_url=f"{archive.url}/nbia-api", api="v4")) as c:
+            assert c.get_collection_values() == []
+        assert archive.seen and all(auth is None for _line, auth in archive.seen)
+    finally:
+        archive.close()
+
+
+def test_the_proxy_of_the_environment_is_used(monkeypatch):
+    """The environment is read once, when the client is made: HTTP_PROXY still routes requests."""
+    proxy = _Recorder()
+    try:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        with NbiaClient(ClientConfig(root_url="http://archive.invalid/nbia-api", api="v4")) as c:
+            assert c.get_collection_values() == []
+        targets = {line.split()[1] for line, _auth in proxy.seen}
+        assert targets == {"http://archive.invalid/nbia-api/services/v4/getCollectionValues"}
+    finally:
+        proxy.close()

@@ -121,12 +121,21 @@ def _retry_after(response: requests.Response) -> float | None:
 
 
 class _Session(requests.Session):
-    """A session whose `insecure` really turns verification off: requests lets the
-    REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE environment override `Session.verify = False`."""
+    """A session that reads the environment once, when it is made: the proxies for `url` (with
+    NO_PROXY) and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE. requests would read them again at every
+    request (`trust_env`: 0.2-0.3 ms each, stats of ~/.netrc and the CA bundle among them), and
+    would send a ~/.netrc password as Basic auth with every request that carries no token (the
+    guest's); nbiafs reads ~/.netrc itself, for logging in only. And `insecure` really turns
+    verification off (requests lets the CA-bundle variables override `verify = False`)."""
 
-    def __init__(self, insecure: bool = False):
+    def __init__(self, url: str, insecure: bool = False):
         super().__init__()
         self.insecure = insecure
+        self.proxies.update(requests.utils.get_environ_proxies(url))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            self.verify = bundle
+        self.trust_env = False
 
     def request(self, *args, **kwargs):
         if self.insecure:
@@ -146,7 +155,7 @@ class NbiaClient:
         self._sleep = sleep
         self._clock = clock
         self.failing = False  # the last call ran out of attempts: logged once, until one succeeds
-        self.http = _Session(insecure=not config.verify_tls)
+        self.http = _Session(config.root_url, insecure=not config.verify_tls)
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=config.pool_size,
                                                 max_retries=0)
         self.http.mount("http://", adapter)
