@@ -39,11 +39,13 @@ Absolute times drift on shared machines: read the ratios. Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +70,9 @@ RANDOM_OPENS = 40                                 # instances each worker opens
 WALK_SIZES = (2500, 5000)                         # patients of the walked collections
 NLST_PATIENTS = 26254                             # NLST, the widest collection TCIA serves
 WALK_LATENCY_S = 0.020
+ROUNDS = 3          # (a), (b), (c): each measured this many times, mount and baseline in turn
+TTFB_PER_ROUND = 5  # (b): first bytes of this many instances (each of its own series) per round
+READS = 3           # (d): warm re-reads of the series, the median taken
 # A worker process: read each path (or, direct, each SeriesUID/SOPUID with getSingleImage) in turn.
 WORKER = r"""
 import sys, requests
@@ -193,7 +198,7 @@ def passthrough_reread(folder: Path, mountpoint: Path) -> float:
             time.sleep(0.05)
         files = sorted(mountpoint.iterdir())
         read_all(files)
-        return read_all(files)
+        return median(read_all(files) for _ in range(READS))
     finally:
         subprocess.run(["fusermount", "-u", str(mountpoint)], capture_output=True)
         proc.wait(timeout=20)
@@ -204,74 +209,95 @@ def rel_path(series) -> str:
                                                series.study["StudyInstanceUID"], series.uid))
 
 
-def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
-    r = {}
+def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: int) -> dict:
+    """One network profile. (a), (b) and (c) are measured `rounds` times, the mount and its
+    baseline in turn within each round (a fresh mount each time), so drift on a shared machine
+    falls on both; the report gives their medians and ranges."""
+    r: dict = {"cp_cold": [], "cp_cold_requests": [], "bulk": [], "ttfb_mount": [], "ttfb_request": [],
+               "dcm2niix_mount": [], "dcm2niix_local": []}
     server.shape(**PROFILES[name])
     rel = rel_path(big)
     sops = sorted(i.sop_uid for i in big.instances)
     client = NbiaClient(ClientConfig(root_url=server.url, api="v4", pool_size=16, verify_md5=False))
-    try:
-        # (a) and (d): a fresh mount, parents listed; then a cold cp -r of the series.
-        m = MountedArchive(server.url, work / f"{name}-mnt", work / f"{name}-cache", work / f"{name}.log")
-        try:
+    bulk_dir = work / f"{name}-bulk"
+    zip_path = work / f"{name}.zip"
+
+    def bulk():  # the bulk download as tcia-utils does it
+        shutil.rmtree(bulk_dir, ignore_errors=True)
+        client.download_series_zip(big.uid, zip_path, new_file_names=True)
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(bulk_dir)
+
+    def fresh_mount(tag: str, listed: bool = True) -> MountedArchive:
+        """A new mount with an empty cache; `listed`: the series' parents listed (as a user who
+        got there)."""
+        for leftover in (work / f"{name}-mnt{tag}", work / f"{name}-cache{tag}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        m = MountedArchive(server.url, work / f"{name}-mnt{tag}", work / f"{name}-cache{tag}",
+                           work / f"{name}{tag}.log")
+        if listed:
             os.listdir(m.path(rel).parent)
-            server.reset()
-            r["cp_cold"] = timed(lambda: quiet("cp", "-r", str(m.path(rel)), str(work / f"{name}-cp")), "cp -r cold")
-            r["cp_cold_requests"] = server.requests()
-            files = sorted(m.path(rel).iterdir())
-            r["dropped"] = drop_page_cache()
-            r["disk_cache"] = read_all(files)
-            r["page_cache"] = read_all(files)
-            r["round_trip"] = kernel_round_trip(files)
-            local = sorted((work / f"{name}-cp").iterdir())
-            drop_page_cache()
-            r["local_cold"] = read_all(local)
-            read_all(local)
-            r["local"] = read_all(local)
-            r["floor"] = passthrough_reread(work / f"{name}-cp", work / f"{name}-floor")
-            r["files"] = len(files)
-            # (b): one uncached instance of another series through the mount.
-            small_rel = rel_path(small)
-            os.listdir(m.path(small_rel))
-            target = m.path(small_rel, naming.instance_file_name(sorted(i.sop_uid for i in small.instances)[0]))
+        return m
 
-            def first_byte():
-                with open(target, "rb") as fh:
-                    fh.read(1)
-            r["ttfb_mount"] = timed(first_byte, "first byte")
-            other = sorted(i.sop_uid for i in small.instances)[1]
-            r["ttfb_request"] = timed(lambda: client.get_single_image_bytes(small.uid, other))
-        finally:
-            m.stop()
-        # (a) the bulk download as tcia-utils does it, the loop, one round trip.
-        bulk_dir = work / f"{name}-bulk"
-
-        def bulk():
-            zip_path = work / f"{name}.zip"
-            client.download_series_zip(big.uid, zip_path, new_file_names=True)
-            with zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(bulk_dir)
-        r["bulk"] = timed(bulk, "zip + extract")
-        r["zip_ratio"] = (work / f"{name}.zip").stat().st_size / big.total_size
-        r["rtt"] = min(timed(lambda: client.get_series_size(big.uid)) for _ in range(3))
-        r["loop"] = timed(lambda: [client.get_single_image_bytes(big.uid, s) for s in sops], "loop")
-        # (c) dcm2niix: cold on a fresh mount vs bulk + dcm2niix on the local copy.
-        if dcm2niix:
-            m = MountedArchive(server.url, work / f"{name}-mnt2", work / f"{name}-cache2", work / f"{name}-2.log")
+    try:
+        # The archive's own disk is not what is measured: its copy of the series is read once
+        # first, so every timed transfer, the mount's and the baseline's, finds it warm.
+        client.download_series_zip(big.uid, zip_path, new_file_names=True)
+        # (a) cold cp -r of the series from a fresh mount | the zip download + extraction.
+        for k in range(rounds):
+            m = fresh_mount("")
             try:
-                os.listdir(m.path(rel).parent)
-                out = work / f"{name}-nii-mount"
-                out.mkdir()
-                r["dcm2niix_mount"] = timed(lambda: quiet(dcm2niix, "-z", "n", "-o", str(out), str(m.path(rel))),
-                                            "dcm2niix on the mount")
+                copy = work / f"{name}-cp"
+                shutil.rmtree(copy, ignore_errors=True)
+                server.reset()
+                r["cp_cold"].append(timed(lambda m=m, copy=copy: quiet("cp", "-r", str(m.path(rel)), str(copy)),
+                                          f"round {k + 1}: cp -r cold"))
+                r["cp_cold_requests"].append(server.requests())
+                if k == rounds - 1:  # (d) on the last round's mount and copy
+                    r.update(warm_reads(m.path(rel), copy, work / f"{name}-floor"))
             finally:
                 m.stop()
-            out = work / f"{name}-nii-local"
-            out.mkdir()
-            shutil.rmtree(bulk_dir)
-            r["dcm2niix_local"] = timed(lambda: (bulk(), quiet(dcm2niix, "-z", "n", "-o", str(out), str(bulk_dir))))
+            r["bulk"].append(timed(bulk, f"round {k + 1}: zip + extract"))
+        r["zip_ratio"] = zip_path.stat().st_size / big.total_size
+        r["rtt"] = min(timed(lambda: client.get_series_size(big.uid)) for _ in range(3))
+        r["loop"] = timed(lambda: [client.get_single_image_bytes(big.uid, s) for s in sops], "loop")
+        # (b) the first byte of an uncached instance (a series of its own, listed) | one request.
+        m = fresh_mount("-b")
+        try:
+            for small in smalls[:rounds * TTFB_PER_ROUND]:
+                small_sops = sorted(i.sop_uid for i in small.instances)
+                os.listdir(m.path(rel_path(small)))
+                target = m.path(rel_path(small), naming.instance_file_name(small_sops[0]))
+
+                def first_byte(target=target):
+                    with open(target, "rb") as fh:
+                        fh.read(1)
+                r["ttfb_mount"].append(timed(first_byte))
+                r["ttfb_request"].append(timed(functools.partial(client.get_single_image_bytes, small.uid,
+                                                                 small_sops[1])))
+        finally:
+            m.stop()
+        # (c) dcm2niix: cold on a fresh mount | zip download + extraction + dcm2niix.
+        if dcm2niix:
+            client.download_series_zip(big.uid, zip_path, new_file_names=True)  # warm again, after (d)
+            for k in range(rounds):
+                out = work / f"{name}-nii"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                m = fresh_mount("-c")
+                try:
+                    r["dcm2niix_mount"].append(timed(
+                        lambda m=m, out=out: quiet(dcm2niix, "-z", "n", "-o", str(out), str(m.path(rel))),
+                        f"round {k + 1}: dcm2niix on the mount"))
+                finally:
+                    m.stop()
+                shutil.rmtree(out)
+                out.mkdir()
+                r["dcm2niix_local"].append(timed(
+                    lambda out=out: (bulk(), quiet(dcm2niix, "-z", "n", "-o", str(out), str(bulk_dir))),
+                    f"round {k + 1}: zip + extract + dcm2niix"))
         # (e) the walk of the 50-patient collection.
-        m = MountedArchive(server.url, work / f"{name}-mnt3", work / f"{name}-cache3", work / f"{name}-3.log")
+        m = fresh_mount("-e", listed=False)
         try:
             coll = str(m.path(naming.escape(big.collection["Collection"])))
             for tool, cmd in (("find", ["find", coll, "-maxdepth", "3"]), ("ls -lR", ["ls", "-lR", coll])):
@@ -284,6 +310,39 @@ def profile_run(name, server, index, big, small, work: Path, dcm2niix) -> dict:
     finally:
         client.close()
     return r
+
+
+def warm_reads(series: Path, copy: Path, floor_mountpoint: Path) -> dict:
+    """(d): the series read whole through the mount whose cache holds it, first from the disk
+    cache (page cache dropped), then again (page cache); the same files on local disk, from disk
+    and from the page cache; a Python FUSE passthrough's re-reads; a libfuse-only round trip;
+    and the daemon-side cost of an open: opens and closes of cached files one after another."""
+    files = sorted(series.iterdir())
+    local = sorted(copy.iterdir())
+    r: dict = {"files": len(files), "dropped": drop_page_cache()}
+    r["disk_cache"] = read_all(files)
+    r["page_cache"] = median(read_all(files) for _ in range(READS))
+    r["round_trip"] = kernel_round_trip(files)
+    r["open_close"] = open_close(files)
+    drop_page_cache()
+    r["local_cold"] = read_all(local)
+    r["local"] = median(read_all(local) for _ in range(READS))
+    r["floor"] = passthrough_reread(copy, floor_mountpoint)
+    return r
+
+
+def open_close(files, passes: int = 5) -> float:
+    """Seconds of one open(2) and close(2) of a file, nothing read (cached files: what an open
+    costs the daemon and the kernel, without the bytes)."""
+    start = time.perf_counter()
+    for _ in range(passes):
+        for f in files:
+            os.close(os.open(f, os.O_RDONLY))
+    return (time.perf_counter() - start) / (passes * len(files))
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
 
 
 def random_run(workers: int, work: Path, seed: int = 17) -> dict:
@@ -367,6 +426,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="nbiafs benchmarks; see the module docstring")
     ap.add_argument("--profiles", default="latency,bandwidth")
     ap.add_argument("--skip-scale", action="store_true", help="skip (f), which generates 600 MB once")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of (a), (b) and (c) (default %(default)s)")
     args = ap.parse_args()
     asked = [p for p in args.profiles.split(",") if p]
     unknown = [p for p in asked if p not in PROFILES and p not in RANDOM_PROFILES and p != "walk"]
@@ -396,7 +456,7 @@ def main() -> int:
     print("preparing the bench archive (generated once)...", file=sys.stderr, flush=True)
     index = load_synthetic("bench")
     big = max(index.iter_series(None), key=lambda s: len(s.instances))
-    small = next(s for s in index.iter_series(None) if s.uid != big.uid)
+    smalls = sorted((s for s in index.iter_series(None) if s.uid != big.uid), key=lambda s: s.uid)
     dcm2niix = shutil.which("dcm2niix")
     results = {}
     server = Server("bench")
@@ -404,7 +464,7 @@ def main() -> int:
         for name in names:
             with tempfile.TemporaryDirectory(prefix=f"nbiafs-bench-{name}-") as work:
                 print(f"profile {name}...", file=sys.stderr, flush=True)
-                results[name] = profile_run(name, server, index, big, small, Path(work), dcm2niix)
+                results[name] = profile_run(name, server, index, big, smalls, Path(work), dcm2niix, args.rounds)
     finally:
         server.stop()
     scale = None
@@ -412,7 +472,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="nbiafs-bench-scale-") as work:
             print("scale run (f)...", file=sys.stderr, flush=True)
             scale = scale_run(Path(work))
-    report(results, names, big, scale)
+    report(results, names, big, scale, args.rounds)
     report_random(randoms)
     report_walk(walks, wide)
     return 0
@@ -525,31 +585,44 @@ def ceiling(r: dict) -> float:
     return local / (local + 2 * r["round_trip"])
 
 
-def report(results, names, big, scale) -> None:
-    col = 22
+def report(results, names, big, scale, rounds: int) -> None:
+    col = 26
     mb = big.total_size / 1e6
     print(f"\nseries: {len(big.instances)} instances, {mb:.0f} MB "
-          f"(zip {results[names[0]]['zip_ratio']:.0%} of raw)")
+          f"(zip {results[names[0]]['zip_ratio']:.0%} of raw); (a), (b), (c): median (range) of {rounds} rounds, "
+          f"mount and baseline in turn")
     print(f"{'':44}" + "".join(f"{n + '-bound':>{col}}" for n in names))
     shaping = {n: "%g ms, %g Mbit/s" % (PROFILES[n]["latency_s"] * 1000, PROFILES[n]["total_mbit_s"]) for n in names}
     print(f"{'':44}" + "".join(f"{shaping[n]:>{col}}" for n in names))
 
     def row(label, fn):
         print(f"{label:44}" + "".join(f"{fn(results[n]):>{col}}" for n in names))
-    row("(a) cp -r from the mount, cold  s", lambda r: f"{r['cp_cold']:.2f}")
-    row("    requests it made", lambda r: f"{r['cp_cold_requests']}")
-    row("    getImage zip + extract  s", lambda r: f"{r['bulk']:.2f}")
+
+    def spread(values, fmt="{:.2f}", unit=""):
+        return f"{fmt.format(median(values))}{unit} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    def per_round(r, key, base, extra=0.0, per=1):
+        """The ratio of `key` to `base` (+ `extra`) in each round (`per` samples a round)."""
+        a, b = r[key], r[base]
+        return [median(a[i:i + per]) / (median(b[i:i + per]) + extra) for i in range(0, len(a), per)]
+
+    def ratio(r, key, base, extra=0.0, per=1):
+        return (f"{median(r[key]) / (median(r[base]) + extra):.2f}x "
+                f"({min(per_round(r, key, base, extra, per)):.2f}-{max(per_round(r, key, base, extra, per)):.2f})")
+    row("(a) cp -r from the mount, cold  s", lambda r: spread(r["cp_cold"]))
+    row("    requests it made", lambda r: "/".join(str(n) for n in sorted(set(r["cp_cold_requests"]))))
+    row("    getImage zip + extract  s", lambda r: spread(r["bulk"]))
     row("    one metadata round trip  s", lambda r: f"{r['rtt']:.3f}")
     row("    getSingleImage loop  s", lambda r: f"{r['loop']:.2f}")
-    row("    mount / (zip + round trip)", lambda r: f"{r['cp_cold'] / (r['bulk'] + r['rtt']):.2f}x")
-    row("    loop / mount", lambda r: f"{r['loop'] / r['cp_cold']:.1f}x faster")
-    row("(b) first byte through the mount  s", lambda r: f"{r['ttfb_mount']:.3f}")
-    row("    one getSingleImage request  s", lambda r: f"{r['ttfb_request']:.3f}")
-    row("    mount / request", lambda r: f"{r['ttfb_mount'] / r['ttfb_request']:.2f}x")
-    if "dcm2niix_mount" in results[names[0]]:
-        row("(c) dcm2niix on the mount, cold  s", lambda r: f"{r['dcm2niix_mount']:.2f}")
-        row("    zip + extract + dcm2niix  s", lambda r: f"{r['dcm2niix_local']:.2f}")
-        row("    mount / local", lambda r: f"{r['dcm2niix_mount'] / r['dcm2niix_local']:.2f}x")
+    row("    mount / (zip + round trip)", lambda r: ratio(r, "cp_cold", "bulk", r["rtt"]))
+    row("    loop / mount", lambda r: f"{r['loop'] / median(r['cp_cold']):.1f}x faster")
+    row("(b) first byte through the mount  ms", lambda r: spread([t * 1000 for t in r["ttfb_mount"]], "{:.1f}"))
+    row("    one getSingleImage request  ms", lambda r: spread([t * 1000 for t in r["ttfb_request"]], "{:.1f}"))
+    row("    mount / request", lambda r: ratio(r, "ttfb_mount", "ttfb_request", per=TTFB_PER_ROUND))
+    if results[names[0]]["dcm2niix_mount"]:
+        row("(c) dcm2niix on the mount, cold  s", lambda r: spread(r["dcm2niix_mount"]))
+        row("    zip + extract + dcm2niix  s", lambda r: spread(r["dcm2niix_local"]))
+        row("    mount / local", lambda r: ratio(r, "dcm2niix_mount", "dcm2niix_local"))
     row("(d) re-read via page cache  files/s", lambda r: f"{r['files'] / r['page_cache']:.0f}")
     row("    local files, page cache  files/s", lambda r: f"{r['files'] / r['local']:.0f}")
     row("    Python FUSE floor (passthrough)  files/s", lambda r: f"{r['files'] / r['floor']:.0f}")
@@ -558,11 +631,15 @@ def report(results, names, big, scale) -> None:
     row("    mount / floor", lambda r: f"{r['floor'] / r['page_cache']:.0%}")
     row("    a round trip libfuse answers (ioctl)  us", lambda r: f"{r['round_trip'] * 1e6:.0f}")
     row("    ceiling, 2 round trips per file / local", lambda r: f"{ceiling(r):.0%}")
+    row("    an open + close of a cached file  us", lambda r: f"{r['open_close'] * 1e6:.0f}")
+    row("    that, twice the round trip / local file", lambda r: f"{r['open_close'] / r['round_trip']:.1f}x; "
+        f"{r['open_close'] / (r['local'] / r['files']):.0%}")
     row("(d) first read, disk cache  files/s", lambda r: f"{r['files'] / r['disk_cache']:.0f}"
         + ("" if r["dropped"] else " (pages not dropped)"))
     row("    local files, pages dropped  files/s", lambda r: f"{r['files'] / r['local_cold']:.0f}")
     row("    mount / local (both from disk)", lambda r: f"{r['local_cold'] / r['disk_cache']:.0%}")
     row("    mount / local page cache", lambda r: f"{r['local'] / r['disk_cache']:.0%}")
+    row("    local from disk / local page cache", lambda r: f"{r['local'] / r['local_cold']:.0%}")
     for key in ("find cold", "find warm", "ls -lR cold", "ls -lR warm"):
         row(f"(e) {key} of 50 patients  s (requests)", lambda r, k=key: f"{r[k][0]:.2f} ({r[k][1]})")
     if scale:
