@@ -31,9 +31,12 @@ and once, without shaping:
  (f) the daemon's peak RSS and the cache size after reading 2 GB through a
      500 MB cache with 10,000 series listed (`--spec scale`).
 
-Absolute times drift on shared machines: read the ratios. Usage:
+(a), (b) and (c) are measured in `--rounds` rounds (3), the mount and its baseline in turn, each
+on a fresh mount: the report gives medians, and the range of the rounds' own ratios. Absolute
+times drift on shared machines: read the ratios. Usage:
 
-    .venv/bin/python scripts/bench.py [--skip-scale] [--profiles latency,bandwidth,random,random32,walk]
+    .venv/bin/python scripts/bench.py [--skip-scale] [--rounds N]
+                                      [--profiles latency,bandwidth,random,random32,walk]
 """
 
 from __future__ import annotations
