@@ -601,8 +601,8 @@ def report(results, names, big, scale, rounds: int) -> None:
     def row(label, fn):
         print(f"{label:44}" + "".join(f"{fn(results[n]):>{col}}" for n in names))
 
-    def spread(values, fmt="{:.2f}", unit=""):
-        return f"{fmt.format(median(values))}{unit} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    def spread(values, fmt="{:.2f}"):
+        return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
     def per_round(r, key, base, extra=0.0, per=1):
         """The ratio of `key` to `base` (+ `extra`) in each round (`per` samples a round)."""
@@ -610,8 +610,8 @@ def report(results, names, big, scale, rounds: int) -> None:
         return [median(a[i:i + per]) / (median(b[i:i + per]) + extra) for i in range(0, len(a), per)]
 
     def ratio(r, key, base, extra=0.0, per=1):
-        return (f"{median(r[key]) / (median(r[base]) + extra):.2f}x "
-                f"({min(per_round(r, key, base, extra, per)):.2f}-{max(per_round(r, key, base, extra, per)):.2f})")
+        each = per_round(r, key, base, extra, per)
+        return f"{median(r[key]) / (median(r[base]) + extra):.2f}x ({min(each):.2f}-{max(each):.2f})"
     row("(a) cp -r from the mount, cold  s", lambda r: spread(r["cp_cold"]))
     row("    requests it made", lambda r: "/".join(str(n) for n in sorted(set(r["cp_cold_requests"]))))
     row("    getImage zip + extract  s", lambda r: spread(r["bulk"]))

@@ -122,25 +122,18 @@ def _retry_after(response: requests.Response) -> float | None:
 
 class _Session(requests.Session):
     """A session that reads the environment once, when it is made: the proxies for `url` (with
-    NO_PROXY) and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE. requests would read them again at every
-    request (`trust_env`: 0.2-0.3 ms each, stats of ~/.netrc and the CA bundle among them), and
-    would send a ~/.netrc password as Basic auth with every request that carries no token (the
-    guest's); nbiafs reads ~/.netrc itself, for logging in only. And `insecure` really turns
-    verification off (requests lets the CA-bundle variables override `verify = False`)."""
+    NO_PROXY) and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE (unless `insecure`: verification off).
+    requests would read them again at every request (`trust_env`: 0.2-0.3 ms each, stats of
+    ~/.netrc and the CA bundle among them), would let the CA-bundle variables override
+    `verify = False`, and would send a ~/.netrc password as Basic auth with every request that
+    carries no token (the guest's); nbiafs reads ~/.netrc itself, for logging in only."""
 
     def __init__(self, url: str, insecure: bool = False):
         super().__init__()
-        self.insecure = insecure
         self.proxies.update(requests.utils.get_environ_proxies(url))
         bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-        if bundle:
-            self.verify = bundle
+        self.verify = False if insecure else bundle or True
         self.trust_env = False
-
-    def request(self, *args, **kwargs):
-        if self.insecure:
-            kwargs["verify"] = False
-        return super().request(*args, **kwargs)
 
 
 class NbiaClient:
