@@ -42,6 +42,8 @@ times drift on shared machines: read the ratios. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -52,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import urllib.request
 import zipfile
@@ -257,7 +260,7 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
                                           f"round {k + 1}: cp -r cold"))
                 r["cp_cold_requests"].append(server.requests())
                 if k == rounds - 1:  # (d) on the last round's mount and copy
-                    r.update(warm_reads(m.path(rel), copy, work / f"{name}-floor"))
+                    r.update(warm_reads(m.path(rel), copy, work / f"{name}-floor", m.proc.pid))
             finally:
                 m.stop()
             r["bulk"].append(timed(bulk, f"round {k + 1}: zip + extract"))
@@ -315,11 +318,13 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
     return r
 
 
-def warm_reads(series: Path, copy: Path, floor_mountpoint: Path) -> dict:
+def warm_reads(series: Path, copy: Path, floor_mountpoint: Path, daemon_pid: int) -> dict:
     """(d): the series read whole through the mount whose cache holds it, first from the disk
     cache (page cache dropped), then again (page cache); the same files on local disk, from disk
     and from the page cache; a Python FUSE passthrough's re-reads; a libfuse-only round trip;
-    and the daemon-side cost of an open: opens and closes of cached files one after another."""
+    the daemon-side cost of an open: opens and closes of cached files one after another; and a
+    re-read taken apart step by step, on the mount (as it runs, then with the reader and every
+    thread of the daemon on one CPU) and on local disk."""
     files = sorted(series.iterdir())
     local = sorted(copy.iterdir())
     r: dict = {"files": len(files), "dropped": drop_page_cache()}
@@ -327,11 +332,67 @@ def warm_reads(series: Path, copy: Path, floor_mountpoint: Path) -> dict:
     r["page_cache"] = median(read_all(files) for _ in range(READS))
     r["round_trip"] = kernel_round_trip(files)
     r["open_close"] = open_close(files)
+    r["steps"] = reread_steps(files)
+    with one_cpu(daemon_pid):
+        r["steps_one_cpu"] = reread_steps(files)
     drop_page_cache()
     r["local_cold"] = read_all(local)
     r["local"] = median(read_all(local) for _ in range(READS))
+    r["local_steps"] = reread_steps(local)
     r["floor"] = passthrough_reread(copy, floor_mountpoint)
     return r
+
+
+STEPS = ("open", "ioctl", "read", "close")
+
+
+def reread_steps(files, passes: int = 5) -> dict:
+    """Microseconds per file of each step of a re-read as Python's open() makes it: open(2),
+    the TCGETS ioctl (is it a terminal?), the reads of the whole file into one buffer, close(2);
+    the median over `passes` passes of each step's mean."""
+    buf = bytearray(1 << 20)
+    clock = time.perf_counter
+    passes_us: dict = {step: [] for step in STEPS}
+    for _ in range(passes):
+        spent = dict.fromkeys(STEPS, 0.0)
+        for f in files:
+            t0 = clock()
+            fd = os.open(f, os.O_RDONLY)
+            t1 = clock()
+            try:
+                fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+            except OSError:
+                pass  # ENOTTY: a file is no terminal
+            t2 = clock()
+            while os.readv(fd, [buf]):
+                pass
+            t3 = clock()
+            os.close(fd)
+            t4 = clock()
+            for step, took in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                spent[step] += took
+        for step in STEPS:
+            passes_us[step].append(spent[step] / len(files) * 1e6)
+    return {step: median(values) for step, values in passes_us.items()}
+
+
+@contextlib.contextmanager
+def one_cpu(pid: int):
+    """This process and every thread of process `pid` on one CPU (the first this process may
+    run on), then back: a request then wakes the daemon on the reader's own CPU, not another."""
+    cpu = min(os.sched_getaffinity(0))
+    tids = [0] + [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    before = {}
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {cpu})
+    try:
+        yield
+    finally:
+        for tid, cpus in before.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
 
 
 def open_close(files, passes: int = 5) -> float:
@@ -588,6 +649,10 @@ def ceiling(r: dict) -> float:
     return local / (local + 2 * r["round_trip"])
 
 
+def steps(us: dict) -> str:
+    return "+".join(f"{us[step]:.0f}" for step in STEPS) + f"={sum(us.values()):.0f}"
+
+
 def report(results, names, big, scale, rounds: int) -> None:
     col = 26
     mb = big.total_size / 1e6
@@ -637,6 +702,9 @@ def report(results, names, big, scale, rounds: int) -> None:
     row("    an open + close of a cached file  us", lambda r: f"{r['open_close'] * 1e6:.0f}")
     row("    that, twice the round trip / local file", lambda r: f"{r['open_close'] / r['round_trip']:.1f}x; "
         f"{r['open_close'] / (r['local'] / r['files']):.0%}")
+    row("    per file, open+ioctl+read+close  us", lambda r: steps(r["steps"]))
+    row("    the same, reader+daemon on one CPU  us", lambda r: steps(r["steps_one_cpu"]))
+    row("    the same, local files  us", lambda r: steps(r["local_steps"]))
     row("(d) first read, disk cache  files/s", lambda r: f"{r['files'] / r['disk_cache']:.0f}"
         + ("" if r["dropped"] else " (pages not dropped)"))
     row("    local files, pages dropped  files/s", lambda r: f"{r['files'] / r['local_cold']:.0f}")
