@@ -77,9 +77,10 @@ class _AdoptingDisk(diskcache.Disk):
 class _Flight:
     """One download of one instance under way; others wait for it instead of fetching again."""
 
-    def __init__(self):
+    def __init__(self, bulk: bool = False):
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.bulk = bulk  # claimed by a bulk transfer (a zip, IDC, the shared cache), not an open
 
 
 class InstanceCache:
@@ -108,6 +109,7 @@ class InstanceCache:
         self._toucher: threading.Thread | None = None
         self.downloads = 0
         self.hits = 0
+        self.overtaken = 0  # instances an open fetched itself rather than wait on for a bulk transfer
         if min_free_bytes is None:
             min_free_bytes = int(disk_usage(self.directory).total * MIN_FREE_FRACTION)
         self.min_free_bytes = min_free_bytes
@@ -146,12 +148,15 @@ class InstanceCache:
         for start in range(0, len(touched), TOUCH_BATCH):
             self._cache.run(functools.partial(touch, touched[start:start + TOUCH_BATCH]))
 
-    def open(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool = True) -> tuple[BinaryIO, bool]:
+    def open(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool = True,
+             overtake_after_s: float | None = None) -> tuple[BinaryIO, bool]:
         """An open read handle on the instance `key`, fetched first if needed (`counted`: in
         the hits and downloads of instances; a preview is not an instance).
 
         If a download of `key` is under way (by another open, or a bulk transfer that
-        claimed it), wait for it; if that one ends without the instance, fetch it here.
+        claimed it), wait for it; if that one ends without the instance, fetch it here. With
+        `overtake_after_s`, a wait on a bulk transfer that lasts that long ends in a fetch of
+        `key` here, served at once and stored (the transfer goes on, and stores its own copy).
         Returns (handle, downloaded_here). Raises what `fetch` raises; nothing is kept then.
         """
         while True:
@@ -164,6 +169,10 @@ class InstanceCache:
                 leader = found is None
                 flight = self._flights[key] = _Flight() if found is None else found
             if not leader:
+                if overtake_after_s is not None and flight.bulk and not flight.done.wait(overtake_after_s):
+                    handle = self._overtake(key, fetch, counted)
+                    if handle is not None:
+                        return handle, True
                 flight.done.wait()
                 if flight.error is not None:
                     raise flight.error
@@ -196,6 +205,32 @@ class InstanceCache:
             # the key wait for the flight, which lands once it is stored.
             self._store_later(key, tmp, flight)
             return handle, True
+
+    def _overtake(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool) -> BinaryIO | None:
+        """`key`, still claimed by a bulk transfer, fetched here: a handle on this download
+        (stored, unless the transfer stored `key` meanwhile), or None if it failed (the caller
+        waits for the transfer then)."""
+        tmp = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
+        try:
+            fetch(tmp)  # type: ignore[arg-type]  # a file object, as BinaryIO says
+            tmp.flush()
+            handle = self._reopen(key, tmp)
+        except Exception as exc:
+            tmp.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp.name)
+            log.debug("%s: its own fetch failed (%s); waiting for its series' transfer", key, exc)
+            return None
+        self.downloads += counted
+        self.overtaken += 1
+        with self._lock:
+            delivered = key in self._paths
+        if delivered:
+            tmp.close()
+            os.unlink(tmp.name)
+        else:
+            self._store_later(key, tmp, _Flight())
+        return handle
 
     @staticmethod
     def _reopen(key: str, tmp) -> BinaryIO:
@@ -238,7 +273,7 @@ class InstanceCache:
         with self._lock:
             for key in keys:
                 if key not in self._flights and key not in cached:
-                    self._flights[key] = _Flight()
+                    self._flights[key] = _Flight(bulk=True)
                     claimed.add(key)
         return claimed
 

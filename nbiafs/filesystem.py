@@ -229,9 +229,10 @@ class NbiaFilesystem:
 
     def open_instance(self, node: Node, tid: int = 0) -> BinaryIO:
         key = key_of(node.series_uid, node.sop_uid)
-        kind = RANDOM
+        kind, reader = RANDOM, 0
         if self.prefetcher is not None:  # how this open's reader reads: it decides the prefetch
-            kind = self.prefetcher.note_open(node.series_uid, node.sop_uid, self.prefetcher.pattern.reader_of(tid))
+            reader = self.prefetcher.pattern.reader_of(tid)
+            kind = self.prefetcher.note_open(node.series_uid, node.sop_uid, reader)
         handle = self.cache.open_known(key)
         if handle is not None and self.catalog.exact_size(node.series_uid, node.sop_uid) == os.fstat(
                 handle.fileno()).st_size:
@@ -243,11 +244,13 @@ class NbiaFilesystem:
             return handle
         if handle is not None:
             handle.close()
+        overtake_after_s = None
         if self.prefetcher is not None:
             self.prefetcher.opening(node.series_uid, node.sop_uid, self.catalog.instances(node.series_uid),
                                     self.catalog.series_total(node) or 0, kind)
+            overtake_after_s = self.prefetcher.overtake_after(node.series_uid, reader)
         handle, _downloaded = self.cache.open(
-            key, lambda dest: self.source.fetch(node.series_uid, node.sop_uid, dest))
+            key, lambda dest: self.source.fetch(node.series_uid, node.sop_uid, dest), overtake_after_s=overtake_after_s)
         # The exact size is known before open returns: the kernel never sees an estimate again.
         self.record_exact_size(node.series_uid, node.sop_uid, os.fstat(handle.fileno()).st_size,
                                opening=node.path)

@@ -77,6 +77,13 @@ class AccessPattern:
                 return LISTED
             return WALKING if state.run >= self.walk_run else RANDOM
 
+    def run(self, reader: int, series_uid: str) -> int:
+        """How many distinct instances of `series_uid` `reader` has opened in a row (its open
+        being answered included); 0 if its last open was of another series."""
+        with self._lock:
+            state = self._readers.get(reader)
+            return state.run if state is not None and state.series == series_uid else 0
+
     def reader_of(self, tid: int) -> int:
         """The process of thread `tid` (FUSE names the calling thread): its threads are one reader."""
         if tid <= 0:

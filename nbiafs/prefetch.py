@@ -21,8 +21,11 @@ of this series) or RANDOM. Then, as the anchors do:
   mapped to its SOP Instance UID by reading (0008,0018). Instances the zip will
   bring are claimed in the cache, so an open of one waits for the zip instead of
   downloading it again; the instance being opened right now is fetched on its
-  own. Whatever the zip did not bring (a zip cut short still ends with 200) is
-  released to single fetches.
+  own. A reader's first `overtake_opens` opens of the series wait `overtake_after_s`
+  at most, then fetch their instance alone (`overtake_after`): the zip's entries are
+  served only once its md5 list, its last entry, has come, and a peek at two or
+  three files must not wait for a whole series. Whatever the zip did not bring (a
+  zip cut short still ends with 200) is released to single fetches.
 - The zip is asked with the archive's md5 of each file (`md5hashes.csv`, its
   last entry). Every entry is CRC-checked as it streams in and held beside the
   cache until that list arrives; then each entry whose md5 matches is stored, and
@@ -76,6 +79,8 @@ class PrefetchConfig:
     max_series: int = 2           # series prefetched at once; opening a third drops the oldest
     listed_window_s: float = 10.0  # a first open this soon after its reader listed the folder starts the zip
     peek_abandon_s: float = 3.0   # a zip started by a first open, with no second open this long after
+    overtake_after_s: float = 1.0  # a reader's early open waits this long for a transfer, then fetches alone
+    overtake_opens: int = 3       # ... while it has opened at most this many instances of the series in a row
     enabled: bool = True
 
 
@@ -161,6 +166,16 @@ class Prefetcher:
         with self._lock:
             self._unread.pop(key, None)
         return self.pattern.opened(reader, series_uid, sop_uid, self._clock())
+
+    def overtake_after(self, series_uid: str, reader: int = 0) -> float | None:
+        """How long an open by `reader` waits for a transfer of the series that will bring its
+        instance before fetching it alone: `overtake_after_s` for one of the reader's first
+        `overtake_opens` opens in the series (a peek at two or three files must not wait for a
+        whole zip, whose md5 list comes last); None (until it comes) for a reader walking the
+        series, which wants the whole transfer anyway."""
+        if self.pattern.run(reader, series_uid) <= self.config.overtake_opens:
+            return self.config.overtake_after_s
+        return None
 
     def unread(self) -> int:
         """Instances the prefetch stored that were not opened since."""

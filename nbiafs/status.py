@@ -116,7 +116,9 @@ def render_status(src: StatusSources) -> str:
     unread = src.prefetcher.unread() if src.prefetcher is not None else 0
     lines.append(f"downloads:  {cache.downloads} done, {cache.downloads_in_flight()} in flight, {queued} queued "
                  f"for prefetch, {zips} series zips" + (f" ({abandoned} abandoned)" if abandoned else "")
-                 + f"; {unread} prefetched, never read")
+                 + f"; {unread} prefetched, never read"
+                 + (f"; {cache.overtaken} fetched alone by opens that stopped waiting for their series' zip"
+                    if cache.overtaken else ""))
     if src.ahead is not None:
         a = src.ahead
         lines.append(f"listings:   {a.done} fetched ahead of walks, {a.running()} running, {a.queued()} queued, "

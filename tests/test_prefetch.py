@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,9 +68,7 @@ def test_a_listed_folder_starts_its_zip_at_the_first_open(nbia_archive, mount_fa
     assert nbia_archive.counters()["endpoints"].get("getImage") == 1  # asked before the open returned
     assert first < 0.2 * 2 + 0.3, first  # its own fetch and md5 (one round trip each, at once)
     (folder / names[1]).read_bytes()  # followed: the zip goes on and brings the rest
-    deadline = time.monotonic() + 20
-    while "0 in flight" not in m.path(".nbiafs", "status").read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_transfers(m, 20)
     for name in names[2:]:
         assert os.getxattr(folder / name, "user.nbiafs.cached") == b"yes", name
 
@@ -91,6 +90,50 @@ def test_a_lone_peek_abandons_its_zip(nbia_archive_factory, mount_factory):
     cached = [n for n in names if os.getxattr(folder / n, "user.nbiafs.cached") == b"yes"]
     assert cached == [names[0]]
     assert "abandoned" in m.log() and "1 series zips (1 abandoned)" in m.path(".nbiafs", "status").read_text()
+
+
+def wait_transfers(m, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not re.search(r"(?<!\d)0 in flight", m.path(".nbiafs", "status").read_text()):
+        assert time.monotonic() < deadline, m.path(".nbiafs", "status").read_text()
+        time.sleep(0.1)
+
+
+def test_an_early_open_fetches_alone_rather_than_wait_for_a_whole_zip(nbia_archive_factory, mount_factory,
+                                                                      tmp_path):
+    """ls, then a second file (a notebook looking at a slice or two): the zip the first open
+    started will bring it, but only once its md5 list, the zip's last entry, has come. The open
+    waits 1 s, then fetches its instance alone, long before the zip ends; the zip goes on. A
+    reader walking a series (cp -r) does so for its second and third opens only, then waits."""
+    archive = nbia_archive_factory(parse_spec("1x1x1x2x60@256", noise_hu=20.0))
+    m = mount_factory(archive.url, name="overtake")
+    first, second = sorted(public_series(archive), key=lambda s: s.uid)
+    folder = m.path(series_path(first))
+    names = sorted(os.listdir(folder))
+    archive.set_faults(connection_mbit_s=4.0)  # the zip (about 4 MB) takes 8 s, one instance 0.3 s
+    (folder / names[0]).read_bytes()
+    start = time.monotonic()
+    data = (folder / names[30]).read_bytes()
+    waited = time.monotonic() - start
+    assert hashlib.md5(data).hexdigest() == truth(first)[names[30]]
+    assert 1.0 <= waited < 3.0, waited
+    assert os.getxattr(folder / names[59], "user.nbiafs.cached") == b"no"  # the zip goes on
+    wait_transfers(m)
+    counts = archive.counters()["endpoints"]
+    assert counts.get("getImage") == 1 and counts.get("getSingleImage") == 2, counts
+    assert all(os.getxattr(folder / n, "user.nbiafs.cached") == b"yes" for n in names)
+    assert md5s(folder) == truth(first)
+    assert "1 fetched alone by opens that stopped waiting for their series' zip" in m.path(
+        ".nbiafs", "status").read_text()
+
+    archive.reset_counters()
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(m.path(series_path(second))), str(copy)], check=True, timeout=120)
+    assert md5s(copy) == truth(second)
+    counts = archive.counters()["endpoints"]
+    # its first open alone (beside the zip), its second and third after 1 s each, then the zip
+    assert counts.get("getImage") == 1 and counts.get("getSingleImage") == 3, counts
+    archive.clear_faults()
 
 
 @pytest.mark.parametrize("fault", [{"zip_drop_entries": 3}, {"zip_truncate": True},
