@@ -14,8 +14,9 @@ request, 1 Gbit/s) and bandwidth-bound (20 ms, 100 Mbit/s), measures:
  (c) dcm2niix on the mounted series, cold, vs bulk download + dcm2niix locally;
  (d) warm reads: re-read through the mount (page cache), first read from the
      disk cache (page cache dropped), and the same files on local disk; a Python FUSE
-     passthrough's re-reads (the floor of a Python mount), and the round trip of a request
-     libfuse answers without Python (an ioctl), which bounds what any FUSE mount can reach;
+     passthrough's re-reads (the floor of a Python mount), the round trip of a request
+     libfuse answers without Python (an ioctl), and a re-read taken apart per file (open,
+     ioctl, reads, close), on the mount, with reader and daemon on one CPU, and locally;
  (e) `ls -lR` and `find` of the 50-patient collection, cold and warm;
 and, in the `random` and `random32` profiles, training data loaders: 24 series of 40 x 128 KiB,
 50 ms per request, one 100 Mbit/s link; an index walk of the mount, then 8 (32) worker
