@@ -10,7 +10,8 @@ request, 1 Gbit/s) and bandwidth-bound (20 ms, 100 Mbit/s), measures:
      bulk download (getImage zip + extract, as tcia-utils does), a loop of
      getSingleImage calls one after another, one metadata round trip;
  (b) time to the first byte of one uncached instance through the mount vs one
-     getSingleImage request;
+     getSingleImage request; and a peek at two files: the series listed, its first file
+     read, then the time to read the one in its middle, vs one request for it;
  (c) dcm2niix on the mounted series, cold, vs bulk download + dcm2niix locally;
  (d) warm reads: re-read through the mount (page cache), first read from the
      disk cache (page cache dropped), and the same files on local disk; a Python FUSE
@@ -221,6 +222,7 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
     baseline in turn within each round (a fresh mount each time), so drift on a shared machine
     falls on both; the report gives their medians and ranges."""
     r: dict = {"cp_cold": [], "cp_cold_requests": [], "bulk": [], "ttfb_mount": [], "ttfb_request": [],
+               "peek_mount": [], "peek_request": [],
                "dcm2niix_mount": [], "dcm2niix_local": []}
     server.shape(**PROFILES[name])
     rel = rel_path(big)
@@ -229,11 +231,16 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
     bulk_dir = work / f"{name}-bulk"
     zip_path = work / f"{name}.zip"
 
-    def bulk():  # the bulk download as tcia-utils does it
-        shutil.rmtree(bulk_dir, ignore_errors=True)
+    def bulk():  # the bulk download as tcia-utils does it (into an empty folder: `unpacked`)
         client.download_series_zip(big.uid, zip_path, new_file_names=True)
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(bulk_dir)
+
+    def unpacked() -> None:
+        """Before a timed bulk download: its folder emptied, outside the time, as a mount's
+        cache is; then `settle()`."""
+        shutil.rmtree(bulk_dir, ignore_errors=True)
+        settle()
 
     def fresh_mount(tag: str, listed: bool = True) -> MountedArchive:
         """A new mount with an empty cache; `listed`: the series' parents listed (as a user who
@@ -257,6 +264,7 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
                 copy = work / f"{name}-cp"
                 shutil.rmtree(copy, ignore_errors=True)
                 server.reset()
+                settle()
                 r["cp_cold"].append(timed(lambda m=m, copy=copy: quiet("cp", "-r", str(m.path(rel)), str(copy)),
                                           f"round {k + 1}: cp -r cold"))
                 r["cp_cold_requests"].append(server.requests())
@@ -264,6 +272,7 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
                     r.update(warm_reads(m.path(rel), copy, work / f"{name}-floor", m.proc.pid))
             finally:
                 m.stop()
+            unpacked()
             r["bulk"].append(timed(bulk, f"round {k + 1}: zip + extract"))
         r["zip_ratio"] = zip_path.stat().st_size / big.total_size
         r["rtt"] = min(timed(lambda: client.get_series_size(big.uid)) for _ in range(3))
@@ -284,6 +293,20 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
                                                                  small_sops[1])))
         finally:
             m.stop()
+        # (b) a peek at two files: the series listed, its first file read, then the file in its
+        # middle (which the zip started by the first open will bring) | one request for it.
+        for k in range(rounds):
+            m = fresh_mount("-p")
+            try:
+                folder = m.path(rel)
+                names = sorted(os.listdir(folder))
+                (folder / names[0]).read_bytes()
+                r["peek_mount"].append(timed(lambda folder=folder, names=names: (
+                    folder / names[len(names) // 2]).read_bytes(), f"round {k + 1}: a peek's second file"))
+            finally:
+                m.stop()
+            r["peek_request"].append(timed(functools.partial(client.get_single_image_bytes, big.uid,
+                                                             sops[len(sops) // 2 + 1])))
         # (c) dcm2niix: cold on a fresh mount | zip download + extraction + dcm2niix.
         if dcm2niix:
             client.download_series_zip(big.uid, zip_path, new_file_names=True)  # warm again, after (d)
@@ -292,6 +315,7 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
                 m = fresh_mount("-c")
+                settle()
                 try:
                     r["dcm2niix_mount"].append(timed(
                         lambda m=m, out=out: quiet(dcm2niix, "-z", "n", "-o", str(out), str(m.path(rel))),
@@ -300,6 +324,7 @@ def profile_run(name, server, index, big, smalls, work: Path, dcm2niix, rounds: 
                     m.stop()
                 shutil.rmtree(out)
                 out.mkdir()
+                unpacked()
                 r["dcm2niix_local"].append(timed(
                     lambda out=out: (bulk(), quiet(dcm2niix, "-z", "n", "-o", str(out), str(bulk_dir))),
                     f"round {k + 1}: zip + extract + dcm2niix"))
@@ -394,6 +419,13 @@ def one_cpu(pid: int):
         for tid, cpus in before.items():
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setaffinity(tid, cpus)
+
+
+def settle() -> None:
+    """Before each timed run of (a) and (c): the writes of the run before (a series cached or
+    unpacked, 158 MB, and dcm2niix's output) on disk, so that their writeback does not fall
+    on the next run (which moved the ratio of (c) by up to a fifth)."""
+    os.sync()
 
 
 def open_close(files, passes: int = 5) -> float:
@@ -688,6 +720,9 @@ def report(results, names, big, scale, rounds: int) -> None:
     row("(b) first byte through the mount  ms", lambda r: spread([t * 1000 for t in r["ttfb_mount"]], "{:.1f}"))
     row("    one getSingleImage request  ms", lambda r: spread([t * 1000 for t in r["ttfb_request"]], "{:.1f}"))
     row("    mount / request", lambda r: ratio(r, "ttfb_mount", "ttfb_request", per=TTFB_PER_ROUND))
+    row("(b) a peek's second file (middle)  s", lambda r: spread(r["peek_mount"]))
+    row("    one getSingleImage request  s", lambda r: spread(r["peek_request"]))
+    row("    mount / request", lambda r: ratio(r, "peek_mount", "peek_request"))
     if results[names[0]]["dcm2niix_mount"]:
         row("(c) dcm2niix on the mount, cold  s", lambda r: spread(r["dcm2niix_mount"]))
         row("    zip + extract + dcm2niix  s", lambda r: spread(r["dcm2niix_local"]))
