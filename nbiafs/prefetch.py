@@ -81,6 +81,7 @@ class PrefetchConfig:
     peek_abandon_s: float = 3.0   # a zip started by a first open, with no second open this long after
     overtake_after_s: float = 1.0  # a reader's early open waits this long for a transfer, then fetches alone
     overtake_opens: int = 3       # ... while it has opened at most this many instances of the series in a row
+    plan_after_s: float = 0.005   # a prefetch started when an open returns is planned this long after it
     enabled: bool = True
 
 
@@ -247,8 +248,11 @@ class Prefetcher:
             if start:
                 state.started = True
         if start:  # off the open's path: the reader has its file, the rest is planned beside it
-            threading.Thread(target=self._start, args=(state, sop_uid, series_bytes), name="nbia-prefetch-plan",
-                             daemon=True).start()
+            # ... and a moment later: its open returns and its first read is answered before the
+            # prefetch's requests take the daemon's CPU (at once, they delayed that first read).
+            plan = threading.Timer(self.config.plan_after_s, self._start, args=(state, sop_uid, series_bytes))
+            plan.name, plan.daemon = "nbia-prefetch-plan", True
+            plan.start()
 
     def _live_state(self, series_uid: str, sops_in_name_order: list[str]) -> _SeriesState:
         """The series' prefetch state, made anew if it has none or a cancelled one (which may
