@@ -184,17 +184,7 @@ class InstanceCache:
                 if handle is not None:
                     self._land(key, flight)
                     return handle, False
-                tmp = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
-                try:
-                    fetch(tmp)  # type: ignore[arg-type]  # a file object, as BinaryIO says
-                    tmp.flush()
-                    # Opened before the cache adopts it: served even if evicted at once.
-                    handle = self._reopen(key, tmp)
-                except BaseException:
-                    tmp.close()
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp.name)
-                    raise
+                tmp, handle = self._download(key, fetch)
             except BaseException as exc:
                 flight.error = exc
                 self._land(key, flight)
@@ -206,19 +196,28 @@ class InstanceCache:
             self._store_later(key, tmp, flight)
             return handle, True
 
-    def _overtake(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool) -> BinaryIO | None:
-        """`key`, still claimed by a bulk transfer, fetched here: a handle on this download
-        (stored, unless the transfer stored `key` meanwhile), or None if it failed (the caller
-        waits for the transfer then)."""
+    def _download(self, key: str, fetch: Callable[[BinaryIO], int]):
+        """`key` fetched into a temporary file beside the cache: (that file, a read handle on
+        it, opened before the cache adopts it: served even if evicted at once). Raises what
+        `fetch` raises; nothing is left behind then."""
         tmp = tempfile.NamedTemporaryFile(dir=self._tmp, suffix=".part", delete=False)
         try:
             fetch(tmp)  # type: ignore[arg-type]  # a file object, as BinaryIO says
             tmp.flush()
-            handle = self._reopen(key, tmp)
-        except Exception as exc:
+            return tmp, self._reopen(key, tmp)
+        except BaseException:
             tmp.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp.name)
+            raise
+
+    def _overtake(self, key: str, fetch: Callable[[BinaryIO], int], counted: bool) -> BinaryIO | None:
+        """`key`, still claimed by a bulk transfer, fetched here: a handle on this download
+        (stored, unless the transfer stored `key` meanwhile), or None if it failed (the caller
+        waits for the transfer then)."""
+        try:
+            tmp, handle = self._download(key, fetch)
+        except Exception as exc:
             log.debug("%s: its own fetch failed (%s); waiting for its series' transfer", key, exc)
             return None
         self.downloads += counted
@@ -229,7 +228,7 @@ class InstanceCache:
             tmp.close()
             os.unlink(tmp.name)
         else:
-            self._store_later(key, tmp, _Flight())
+            self._store_later(key, tmp, None)
         return handle
 
     @staticmethod
@@ -246,7 +245,9 @@ class InstanceCache:
             handle.seek(0)
             return handle
 
-    def _store_later(self, key: str, tmp, flight: _Flight) -> None:
+    def _store_later(self, key: str, tmp, flight: _Flight | None) -> None:
+        """Store `tmp` as `key` on the index's thread; then land `flight` (if any: its waiters
+        look again)."""
         def finish(error: BaseException | None) -> None:
             tmp.close()
             with contextlib.suppress(FileNotFoundError):
@@ -255,7 +256,8 @@ class InstanceCache:
                 if error is not None:
                     log.warning("%s could not be stored in the cache: %s", key, error)
             finally:
-                self._land(key, flight)
+                if flight is not None:
+                    self._land(key, flight)
         try:
             self._cache.submit(self._store, key, tmp).add_done_callback(lambda f: finish(f.exception()))
         except RuntimeError as exc:  # closing: nothing is stored any more

@@ -31,6 +31,13 @@ def truth(series) -> dict[str, str]:
     return {f"{i.sop_uid}.dcm": i.md5 for i in series.instances}
 
 
+def wait_transfers(m, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not re.search(r"(?<!\d)0 in flight", m.path(".nbiafs", "status").read_text()):
+        assert time.monotonic() < deadline, m.path(".nbiafs", "status").read_text()
+        time.sleep(0.1)
+
+
 def big(archive):
     return max(public_series(archive), key=lambda s: len(s.instances))
 
@@ -90,13 +97,6 @@ def test_a_lone_peek_abandons_its_zip(nbia_archive_factory, mount_factory):
     cached = [n for n in names if os.getxattr(folder / n, "user.nbiafs.cached") == b"yes"]
     assert cached == [names[0]]
     assert "abandoned" in m.log() and "1 series zips (1 abandoned)" in m.path(".nbiafs", "status").read_text()
-
-
-def wait_transfers(m, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not re.search(r"(?<!\d)0 in flight", m.path(".nbiafs", "status").read_text()):
-        assert time.monotonic() < deadline, m.path(".nbiafs", "status").read_text()
-        time.sleep(0.1)
 
 
 def test_an_early_open_fetches_alone_rather_than_wait_for_a_whole_zip(nbia_archive_factory, mount_factory,
